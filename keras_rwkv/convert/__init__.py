@@ -1,0 +1,17 @@
+"""Checkpoint conversion into KerasHub presets."""
+
+from keras_rwkv.convert.blinkdl import detect_rwkv_version
+from keras_rwkv.convert.convert_checkpoint import convert_checkpoint
+from keras_rwkv.convert.convert_checkpoint import write_preset
+from keras_rwkv.convert.torch_checkpoint import CheckpointError
+from keras_rwkv.convert.torch_checkpoint import UnsafeCheckpointError
+from keras_rwkv.convert.torch_checkpoint import load_torch_checkpoint
+
+__all__ = [
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "convert_checkpoint",
+    "detect_rwkv_version",
+    "load_torch_checkpoint",
+    "write_preset",
+]

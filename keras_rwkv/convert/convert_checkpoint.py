@@ -1,0 +1,90 @@
+"""Turn a checkpoint into a backbone, and a backbone into a preset dir."""
+
+import os
+import shutil
+import tempfile
+
+import keras
+
+from keras_rwkv.convert import blinkdl
+from keras_rwkv.convert.torch_checkpoint import CheckpointError
+from keras_rwkv.convert.torch_checkpoint import load_torch_checkpoint
+
+
+def convert_checkpoint(source, dtype=None, progress=True):
+    """Builds an `RWKV6Backbone` holding the weights of `source`.
+
+    Args:
+        source: path to a BlinkDL RWKV6 `.pth` checkpoint.
+        dtype: Keras dtype policy name for the backbone (`"float32"`,
+            `"bfloat16"`, `"mixed_bfloat16"`, ...). `None` keeps the
+            checkpoint's storage dtype (bfloat16 for the official models),
+            which is lossless.
+        progress: show a progress bar over the layers.
+
+    Returns:
+        The `RWKV6Backbone`.
+    """
+    from keras_rwkv.models.rwkv6.rwkv6_backbone import RWKV6Backbone
+
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        raise CheckpointError(
+            f"{source} is a directory; `convert` takes a BlinkDL `.pth` "
+            "file. To load a KerasHub preset directory use "
+            "`keras_hub.models.CausalLM.from_preset(DIR)` directly."
+        )
+    weights = load_torch_checkpoint(source)
+    if not isinstance(weights, dict):
+        raise CheckpointError(
+            f"{source} holds a {type(weights).__name__}, not a state dict "
+            "of tensors."
+        )
+    config = blinkdl.config_from_weights(weights)
+    blinkdl.check_weights(weights, config)
+    if dtype is None:
+        dtype = blinkdl.checkpoint_dtype(weights)
+    backbone = RWKV6Backbone(**config, dtype=dtype)
+    bar = None
+    if progress:
+        bar = keras.utils.Progbar(
+            config["num_layers"], unit_name="layer", verbose=1
+        )
+    blinkdl.assign_weights(
+        backbone, weights, progress=bar.update if bar else None
+    )
+    return backbone
+
+
+def write_preset(model, output_dir, overwrite=False):
+    """Saves `model` (a backbone or task) as a KerasHub preset directory.
+
+    Writes into a temporary directory next to `output_dir` and renames it
+    into place only when complete, so an interrupted run never leaves a
+    half-written preset behind.
+    """
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    if os.path.exists(output_dir):
+        if not overwrite:
+            raise FileExistsError(
+                f"{output_dir} already exists. Choose another directory or "
+                "pass overwrite=True (CLI: --overwrite)."
+            )
+        if not os.path.isdir(output_dir):
+            raise FileExistsError(f"{output_dir} exists and is a file.")
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".keras_rwkv-", dir=parent)
+    try:
+        model.save_to_preset(tmp)
+        if os.path.exists(output_dir):
+            old = tmp + ".old"
+            os.rename(output_dir, old)
+            os.rename(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir

@@ -1,0 +1,157 @@
+import keras
+
+from keras_rwkv.models.rwkv6.rwkv6_channel_mix import RWKV6ChannelMix
+from keras_rwkv.models.rwkv6.rwkv6_time_mix import RWKV6TimeMix
+from keras_rwkv.models.rwkv6.rwkv6_token_shift import token_shift
+
+
+@keras.saving.register_keras_serializable(package="keras_rwkv")
+class RWKV6Block(keras.layers.Layer):
+    """One RWKV6 layer: `x += TimeMix(ln1(x))`, then
+    `x += ChannelMix(ln2(x))`, carrying a recurrent state.
+
+    The layer state is a tuple `(time_mix_shift [B, C],
+    channel_mix_shift [B, C], wkv [B, H, N, N])`; `None` means zeros. The
+    same call runs whole sequences (prefill, training) and single steps
+    (decoding): there is no separate generation path.
+
+    Args:
+        hidden_dim: int. Model width C.
+        intermediate_dim: int. Feedforward width F.
+        head_size: int. Channels per head N.
+        mix_lora_dim: int. Rank of the token-shift LoRA.
+        decay_lora_dim: int. Rank of the decay LoRA.
+        layer_norm_epsilon: float. Epsilon of ln1 and ln2.
+        group_norm_epsilon: float. Epsilon of the per-head group norm.
+        wkv_kernel: str. `"auto"`, `"python"` or `"cuda"`.
+        wkv_chunk_size: int. Chunk length of the Python WKV path.
+
+    Examples:
+    ```python
+    block = RWKV6Block(hidden_dim=128, intermediate_dim=448)
+    x = np.random.rand(2, 5, 128).astype("float32")
+    mask = np.ones((2, 5), "int32")
+    prev_index, last_index = shift_indices(mask)
+    y, state = block(x, mask, prev_index, last_index)
+    ```
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        intermediate_dim,
+        head_size=64,
+        mix_lora_dim=32,
+        decay_lora_dim=64,
+        layer_norm_epsilon=1e-5,
+        group_norm_epsilon=64e-5,
+        wkv_kernel="auto",
+        wkv_chunk_size=16,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.head_size = head_size
+        self.mix_lora_dim = mix_lora_dim
+        self.decay_lora_dim = decay_lora_dim
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.group_norm_epsilon = group_norm_epsilon
+        self.wkv_kernel = wkv_kernel
+        self.wkv_chunk_size = wkv_chunk_size
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+        def layer_norm(name):
+            return keras.layers.LayerNormalization(
+                epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name=name
+            )
+
+        self.ln1 = layer_norm("ln1")
+        self.ln2 = layer_norm("ln2")
+        self.time_mix = RWKV6TimeMix(
+            hidden_dim,
+            head_size=head_size,
+            mix_lora_dim=mix_lora_dim,
+            decay_lora_dim=decay_lora_dim,
+            group_norm_epsilon=group_norm_epsilon,
+            wkv_kernel=wkv_kernel,
+            wkv_chunk_size=wkv_chunk_size,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="time_mix",
+        )
+        self.channel_mix = RWKV6ChannelMix(
+            hidden_dim,
+            intermediate_dim,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="channel_mix",
+        )
+
+    def build(self, input_shape=None):
+        shape = (None, None, self.hidden_dim)
+        for layer in (self.ln1, self.ln2, self.time_mix, self.channel_mix):
+            layer.build(shape)
+        self.built = True
+
+    def call(self, x, padding_mask, prev_index, last_index, state=None):
+        """Runs the layer.
+
+        Args:
+            x: `[B, T, C]` residual stream.
+            padding_mask: `[B, T]`, 1 for real tokens and 0 for pads.
+            prev_index, last_index: token-shift indices from
+                `shift_indices(padding_mask)`.
+            state: `(time_mix_shift, channel_mix_shift, wkv)` or `None`.
+
+        Returns:
+            `(x [B, T, C], new_state)`.
+        """
+        if state is None:
+            zeros = keras.ops.zeros_like(x[:, 0])
+            shift_tm, shift_cm, wkv = zeros, zeros, None
+        else:
+            shift_tm, shift_cm, wkv = state
+
+        xx = self.ln1(x)
+        previous, shift_tm = token_shift(xx, shift_tm, prev_index, last_index)
+        out, wkv = self.time_mix(xx, previous, padding_mask, wkv)
+        x = x + out
+
+        xx = self.ln2(x)
+        previous, shift_cm = token_shift(xx, shift_cm, prev_index, last_index)
+        x = x + self.channel_mix(xx, previous)
+        return x, (shift_tm, shift_cm, wkv)
+
+    def compute_output_spec(self, x, *args, **kwargs):
+        # Declared rather than traced: with unknown T some backends (TF)
+        # cannot trace the chunked scan symbolically.
+        batch, c = x.shape[0], self.hidden_dim
+        n = self.head_size
+        shift = keras.KerasTensor((batch, c), dtype=self.compute_dtype)
+        wkv = keras.KerasTensor((batch, c // n, n, n), dtype="float32")
+        return (
+            keras.KerasTensor(x.shape, dtype=self.compute_dtype),
+            (shift, shift, wkv),
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
+                "head_size": self.head_size,
+                "mix_lora_dim": self.mix_lora_dim,
+                "decay_lora_dim": self.decay_lora_dim,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "group_norm_epsilon": self.group_norm_epsilon,
+                "wkv_kernel": self.wkv_kernel,
+                "wkv_chunk_size": self.wkv_chunk_size,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+            }
+        )
+        return config
