@@ -12,10 +12,7 @@ def _convert(args):
     backbone = convert_checkpoint(args.source, dtype=args.dtype)
     path = write_preset(backbone, args.output_dir, overwrite=args.overwrite)
     print(f"Wrote KerasHub preset to {path}")
-    print(
-        "Load it with keras_rwkv.RWKV6Backbone.from_preset("
-        f"{path!r})"
-    )
+    print(f"Load it with keras_rwkv.RWKV6Backbone.from_preset({path!r})")
 
 
 def build_parser():

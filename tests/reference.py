@@ -12,7 +12,14 @@ LORA7B = dict(vocab=250, layers=2, hidden=128, ffn=448, d_mix=64, d_dec=128)
 
 
 def random_rwkv6_state_dict(
-    vocab, layers, hidden, ffn, d_mix=32, d_dec=64, head=64, seed=0,
+    vocab,
+    layers,
+    hidden,
+    ffn,
+    d_mix=32,
+    d_dec=64,
+    head=64,
+    seed=0,
     dtype=torch.float32,
 ):
     """A BlinkDL-format RWKV6 state dict with random weights of

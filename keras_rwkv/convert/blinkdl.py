@@ -55,9 +55,13 @@ def config_from_weights(weights):
             "'Finch') checkpoints only, such as "
             "RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth."
         )
-    for key in ("emb.weight", "blocks.0.att.time_faaaa",
-                "blocks.0.att.time_maa_w1", "blocks.0.att.time_decay_w1",
-                "blocks.0.ffn.key.weight"):
+    for key in (
+        "emb.weight",
+        "blocks.0.att.time_faaaa",
+        "blocks.0.att.time_maa_w1",
+        "blocks.0.att.time_decay_w1",
+        "blocks.0.ffn.key.weight",
+    ):
         if key not in weights:
             raise CheckpointError(
                 f"RWKV-6 checkpoint is missing `{key}`; the file is "
@@ -76,12 +80,8 @@ def config_from_weights(weights):
         "hidden_dim": int(hidden),
         "intermediate_dim": int(weights["blocks.0.ffn.key.weight"].shape[0]),
         "head_size": int(head_size),
-        "mix_lora_dim": int(
-            weights["blocks.0.att.time_maa_w1"].shape[1] // 5
-        ),
-        "decay_lora_dim": int(
-            weights["blocks.0.att.time_decay_w1"].shape[1]
-        ),
+        "mix_lora_dim": int(weights["blocks.0.att.time_maa_w1"].shape[1] // 5),
+        "decay_lora_dim": int(weights["blocks.0.att.time_decay_w1"].shape[1]),
     }
 
 
@@ -130,8 +130,7 @@ def check_weights(weights, config):
     wrong = [
         f"{k}: {tuple(weights[k].shape)} (expected {shapes[k]})"
         for k in shapes
-        if k in weights
-        and _squeezed(weights[k].shape) != _squeezed(shapes[k])
+        if k in weights and _squeezed(weights[k].shape) != _squeezed(shapes[k])
     ]
     unknown = [
         k
@@ -244,6 +243,4 @@ def checkpoint_dtype(weights):
     """The floating dtype most of the checkpoint is stored in, as a Keras
     dtype name."""
     name = np.asarray(weights["emb.weight"][:1]).dtype.name
-    return {"bfloat16": "bfloat16", "float16": "float16"}.get(
-        name, "float32"
-    )
+    return {"bfloat16": "bfloat16", "float16": "float16"}.get(name, "float32")

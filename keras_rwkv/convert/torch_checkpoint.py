@@ -143,9 +143,7 @@ class _ZipReader:
             )
         self.prefix = pkl[0][: -len("data.pkl")]
         order = self.prefix + "byteorder"
-        self.big_endian = (
-            order in names and zf.read(order).strip() == b"big"
-        )
+        self.big_endian = order in names and zf.read(order).strip() == b"big"
 
     def storage_array(self, key, dtype, numel):
         name = f"{self.prefix}data/{key}"
@@ -169,7 +167,10 @@ class _ZipReader:
             name_len, extra_len = struct.unpack("<HH", header[26:30])
             start = info.header_offset + 30 + name_len + extra_len
             array = np.memmap(
-                self.path, dtype=dtype, mode="r", offset=start,
+                self.path,
+                dtype=dtype,
+                mode="r",
+                offset=start,
                 shape=(numel,),
             )
         else:

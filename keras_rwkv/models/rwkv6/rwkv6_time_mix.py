@@ -3,6 +3,7 @@ from keras import ops
 
 from keras_rwkv.ops.wkv6 import wkv6
 
+
 @keras.saving.register_keras_serializable(package="keras_rwkv")
 class RWKV6TimeMix(keras.layers.Layer):
     """RWKV6 time mixing ("attention"): data-dependent token shift, the
@@ -88,28 +89,37 @@ class RWKV6TimeMix(keras.layers.Layer):
             shape=(5, c), initializer=uniform(0.0, 1.0), name="time_maa"
         )
         self.time_maa_w1 = self.add_weight(
-            shape=(c, 5 * self.mix_lora_dim), initializer=small,
+            shape=(c, 5 * self.mix_lora_dim),
+            initializer=small,
             name="time_maa_w1",
         )
         self.time_maa_w2 = self.add_weight(
-            shape=(5, self.mix_lora_dim, c), initializer=small,
+            shape=(5, self.mix_lora_dim, c),
+            initializer=small,
             name="time_maa_w2",
         )
         # Decay parameters stay un-cast: the decay is computed in float32.
         self.time_decay = self.add_weight(
-            shape=(c,), initializer=uniform(-6.0, -1.0), name="time_decay",
+            shape=(c,),
+            initializer=uniform(-6.0, -1.0),
+            name="time_decay",
             autocast=False,
         )
         self.time_decay_w1 = self.add_weight(
-            shape=(c, self.decay_lora_dim), initializer=small,
+            shape=(c, self.decay_lora_dim),
+            initializer=small,
             name="time_decay_w1",
         )
         self.time_decay_w2 = self.add_weight(
-            shape=(self.decay_lora_dim, c), initializer=small,
-            name="time_decay_w2", autocast=False,
+            shape=(self.decay_lora_dim, c),
+            initializer=small,
+            name="time_decay_w2",
+            autocast=False,
         )
         self.time_faaaa = self.add_weight(
-            shape=(h, n), initializer=uniform(-0.5, 0.5), name="time_faaaa",
+            shape=(h, n),
+            initializer=uniform(-0.5, 0.5),
+            name="time_faaaa",
             autocast=False,
         )
         self.ln_x_gamma = self.add_weight(
@@ -206,4 +216,3 @@ class RWKV6TimeMix(keras.layers.Layer):
             }
         )
         return config
-

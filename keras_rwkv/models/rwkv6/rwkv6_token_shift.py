@@ -26,9 +26,7 @@ def shift_indices(padding_mask):
     """
     mask = ops.cast(ops.not_equal(padding_mask, 0), "int32")
     positions = ops.cumsum(ops.ones_like(mask), axis=1)  # 1, 2, ..., T
-    last_real = ops.associative_scan(
-        ops.maximum, mask * positions, axis=1
-    )
+    last_real = ops.associative_scan(ops.maximum, mask * positions, axis=1)
     prev_index = ops.concatenate(
         [ops.zeros_like(last_real[:, :1]), last_real[:, :-1]], axis=1
     )
@@ -50,7 +48,5 @@ def token_shift(x, shift_state, prev_index, last_index):
         [ops.cast(shift_state, x.dtype)[:, None, :], x], axis=1
     )
     previous = ops.take_along_axis(extended, prev_index[:, :, None], axis=1)
-    new_state = ops.take_along_axis(
-        extended, last_index[:, None, None], axis=1
-    )
+    new_state = ops.take_along_axis(extended, last_index[:, None, None], axis=1)
     return previous, new_state[:, 0]

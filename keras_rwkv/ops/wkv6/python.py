@@ -75,17 +75,15 @@ def wkv6_chunked(r, k, v, log_w, u, state, chunk_size=DEFAULT_CHUNK_SIZE):
     a_excl = a_incl - log_w  # A_{t-1}
     a_last = a_incl[:, :, :, -1:, :]  # A at the end of each chunk
 
-    # Intra-chunk: pairwise decays for s < t, each exp(<= 0).
+    # Intra-chunk: pairwise decays for s < t, each exp(<= 0). Pairs with
+    # s >= t are clamped to exp(0) and masked out of the scores below.
     idx = ops.arange(chunk_size)
-    strictly_lower = ops.expand_dims(idx[:, None] > idx[None, :], -1)
+    causal = ops.cast(idx[:, None] > idx[None, :], "float32")
     diff = a_excl[..., :, None, :] - a_incl[..., None, :, :]
-    decay_ts = ops.where(strictly_lower, ops.exp(ops.where(
-        strictly_lower, diff, 0.0)), 0.0)
-    scores = ops.sum(
-        r[..., :, None, :] * k[..., None, :, :] * decay_ts, axis=-1
-    )
+    decay_ts = ops.exp(ops.minimum(diff, 0.0))
+    scores = ops.einsum("bhctsi,bhcti,bhcsi->bhcts", decay_ts, r, k)
     bonus = ops.sum(r * u[None, :, None, None, :] * k, axis=-1)
-    scores = scores + bonus[..., None] * ops.eye(chunk_size)
+    scores = scores * causal + bonus[..., None] * ops.eye(chunk_size)
     y = ops.matmul(scores, v)
 
     # Per chunk: its own contribution to the state and its total decay.
