@@ -93,7 +93,8 @@ def main():
     }
     cpu = platform.processor() or platform.machine()
     print(
-        f"# {datetime.date.today()} {cpu} {os.cpu_count()} cores, backend {keras.config.backend()}, "
+        f"# {datetime.date.today()} {cpu} {os.cpu_count()} cores, "
+        f"backend {keras.config.backend()}, "
         f"B={b} H={h} N={n} float32, median of {args.repeats}"
     )
     print("| pass | T | step-by-step (anchor) ms | chunked ms | speed-up |")
