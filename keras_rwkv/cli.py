@@ -6,11 +6,14 @@ import sys
 
 
 def _convert(args):
+    from keras_rwkv import RWKV6Tokenizer
     from keras_rwkv.convert import convert_checkpoint
     from keras_rwkv.convert import write_preset
 
     backbone = convert_checkpoint(args.source, dtype=args.dtype)
-    path = write_preset(backbone, args.output_dir, overwrite=args.overwrite)
+    path = write_preset(
+        [backbone, RWKV6Tokenizer()], args.output_dir, overwrite=args.overwrite
+    )
     print(f"Wrote KerasHub preset to {path}")
     print(f"Load it with keras_rwkv.RWKV6Backbone.from_preset({path!r})")
 

@@ -12,6 +12,7 @@ import torch
 from keras import ops
 
 from keras_rwkv import RWKV6Backbone
+from keras_rwkv import RWKV6Tokenizer
 from keras_rwkv.cli import main as cli_main
 from keras_rwkv.convert import CheckpointError
 from keras_rwkv.convert import UnsafeCheckpointError
@@ -178,6 +179,8 @@ def test_cli_convert_writes_a_loadable_preset(tmp_path, tiny_sd):
     config = json.loads((out / "config.json").read_text())
     assert config["registered_name"] == "keras_rwkv>RWKV6Backbone"
     loaded = RWKV6Backbone.from_preset(str(out))
+    tokenizer = RWKV6Tokenizer.from_preset(str(out))
+    assert tokenizer.detokenize(tokenizer("Hello 你好")) == "Hello 你好"
     direct = convert_checkpoint(src, dtype="float32", progress=False)
     ids = np.array([[3, 4, 5, 6]])
     a, _ = loaded.call_with_state(ids)

@@ -56,8 +56,9 @@ def convert_checkpoint(source, dtype=None, progress=True):
     return backbone
 
 
-def write_preset(model, output_dir, overwrite=False):
-    """Saves `model` (a backbone or task) as a KerasHub preset directory.
+def write_preset(models, output_dir, overwrite=False):
+    """Saves KerasHub objects (a backbone, tokenizer, preprocessor or task,
+    or a list of them) as one preset directory.
 
     Writes into a temporary directory next to `output_dir` and renames it
     into place only when complete, so an interrupted run never leaves a
@@ -76,7 +77,8 @@ def write_preset(model, output_dir, overwrite=False):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".keras_rwkv-", dir=parent)
     try:
-        model.save_to_preset(tmp)
+        for model in models if isinstance(models, (list, tuple)) else [models]:
+            model.save_to_preset(tmp)
         if os.path.exists(output_dir):
             old = tmp + ".old"
             os.rename(output_dir, old)

@@ -1,0 +1,218 @@
+"""RWKV6Tokenizer against BlinkDL's TRIE_TOKENIZER (the official one)."""
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+from keras_rwkv import RWKV6Backbone
+from keras_rwkv import RWKV6Tokenizer
+from keras_rwkv.models.rwkv6.rwkv6_tokenizer import BUNDLED_VOCAB
+
+SNIPPETS = [
+    "The quick brown fox jumps over the lazy dog. ",
+    "It's 3:45pm — naïve café, résumé, Straße, ÆØÅ. ",
+    "我们今天去公园散步，天气非常好。人工智能正在改变世界。",
+    "日本語のテキスト：カタカナ、ひらがな、漢字。東京タワー！",
+    "한국어 문장도 조금 넣습니다. ",
+    "Русский текст и ελληνικά γράμματα. ",
+    "😀🎉🚀👍🏽🧑‍💻🇯🇵 ",
+    "def foo(x: int) -> int:\n    return x * 2  # comment\n",
+    "for (int i = 0; i < n; ++i) { sum += a[i]; }\n",
+    '{"key": [1, 2.5, null], "nested": {"a": "b"}}\n',
+    "\t\t  \n\n    \r\n",
+    " " * 40,
+    "\n" * 7,
+    "<|endoftext|> ### User: hi\nAssistant: hello\n\n",
+    "\x00\x01\x1f\x7f",
+    "0123456789" * 3,
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return RWKV6Tokenizer()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return TRIE_TOKENIZER(BUNDLED_VOCAB)
+
+
+def mixed_corpus(n_bytes, seed=0):
+    rng = random.Random(seed)
+    parts, size = [], 0
+    while size < n_bytes:
+        if rng.random() < 0.1:
+            # Random code points, including rare CJK and astral planes.
+            s = "".join(chr(rng.randint(0x20, 0x2FFFF)) for _ in range(5))
+            s = s.encode("utf-8", "ignore").decode("utf-8", "ignore")
+        else:
+            s = rng.choice(SNIPPETS)
+        parts.append(s)
+        size += len(s.encode("utf-8"))
+    return "".join(parts)
+
+
+def test_ids_match_trie_on_a_megabyte(tokenizer, reference):
+    corpus = mixed_corpus(1_100_000)
+    assert len(corpus.encode("utf-8")) >= 1_000_000
+    # Lines and whole corpus: boundaries must not matter.
+    ours = tokenizer.tokenize(corpus)
+    assert ours == reference.encode(corpus)
+    lines = corpus.split("\n")[:2000]
+    assert tokenizer.tokenize(lines) == [reference.encode(s) for s in lines]
+    assert tokenizer.detokenize(ours) == corpus
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_hypothesis_strings_match_trie_and_round_trip(text):
+    tokenizer, reference = _shared()
+    ids = tokenizer.tokenize(text)
+    assert ids == reference.encode(text)
+    assert tokenizer.detokenize(ids) == text
+
+
+_SHARED = []
+
+
+def _shared():
+    if not _SHARED:
+        _SHARED.extend([RWKV6Tokenizer(), TRIE_TOKENIZER(BUNDLED_VOCAB)])
+    return _SHARED
+
+
+def test_shapes_of_inputs_and_outputs(tokenizer):
+    assert tokenizer("Hello") == tokenizer.tokenize("Hello")
+    assert isinstance(tokenizer("Hello"), list)
+    batch = tokenizer(["Hello", "", "你好"])
+    assert len(batch) == 3 and batch[1] == []
+    assert tokenizer(np.array(["Hello", "你好"])) == [batch[0], batch[2]]
+    assert tokenizer.detokenize(np.array(batch[0])) == "Hello"
+    assert tokenizer.detokenize([batch[0], batch[2]]) == ["Hello", "你好"]
+    assert tokenizer.detokenize(batch[0][0]) == "Hello"
+
+
+def test_special_ids(tokenizer):
+    assert tokenizer.pad_token_id == tokenizer.end_token_id == 0
+    assert tokenizer.start_token_id is None
+    assert tokenizer.vocabulary_size() == 65530
+    # 0 and the ids without token decode to nothing.
+    hello = tokenizer("Hello")
+    assert tokenizer.detokenize([0] + hello + [65535, 0]) == "Hello"
+
+
+def test_vocabulary_lookups(tokenizer, reference):
+    vocab = tokenizer.get_vocabulary()
+    assert len(vocab) == 65529
+    for token_id in (1, 256, 257, 1000, 33155, 65529):
+        token = tokenizer.id_to_token(token_id)
+        raw = token if isinstance(token, bytes) else token.encode("utf-8")
+        assert raw == reference.idx2token[token_id]
+        assert tokenizer.token_to_id(token) == token_id
+    assert isinstance(tokenizer.id_to_token(200), bytes)  # a lone byte
+    with pytest.raises(KeyError):
+        tokenizer.token_to_id("definitely not a token ✓✓✓")
+    with pytest.raises(ValueError, match="has no token"):
+        tokenizer.id_to_token(0)
+
+
+def test_invalid_utf8_decodes_without_raising(tokenizer):
+    ids = tokenizer("你好🎉")
+    # Stop inside the emoji: the default "replace" gives U+FFFD.
+    assert tokenizer.detokenize(ids[:-1]) == "你好\ufffd"
+    lone_byte = tokenizer.token_to_id(b"\xff")
+    assert tokenizer.detokenize([lone_byte]) == "\ufffd"
+    ignoring = RWKV6Tokenizer(errors="ignore")
+    assert ignoring.detokenize(ids[:-1]) == "你好"
+    strict = RWKV6Tokenizer(errors="strict")
+    with pytest.raises(UnicodeDecodeError):
+        strict.detokenize([lone_byte])
+    with pytest.raises(ValueError, match="errors="):
+        RWKV6Tokenizer(errors="loud")
+
+
+def test_stream_decoder_holds_back_partial_characters(tokenizer):
+    text = "Mixed 中文 and emoji 🎉🧑‍💻 end"
+    ids = tokenizer(text)
+    stream = tokenizer.stream_decoder()
+    pieces = [stream.add(i) for i in ids]
+    assert "\ufffd" not in "".join(pieces)
+    assert "".join(pieces) + stream.flush() == text
+    # A stream cut inside a character yields U+FFFD only at the end.
+    stream.reset()
+    cut = ids[
+        : next(
+            i
+            for i in range(len(ids))
+            if tokenizer.detokenize(ids[: i + 1]).endswith("\ufffd")
+        )
+        + 1
+    ]
+    out = "".join(stream.add(i) for i in cut)
+    assert "\ufffd" not in out
+    assert stream.flush() == "\ufffd"
+
+
+def test_bad_inputs(tokenizer):
+    with pytest.raises(ValueError, match="out of range"):
+        tokenizer.detokenize([1, -1])
+    with pytest.raises(ValueError, match="out of range"):
+        tokenizer.detokenize([[65536]])
+    with pytest.raises(TypeError, match="expects a str"):
+        tokenizer.tokenize(123)
+    with pytest.raises(TypeError, match="decode bytes"):
+        tokenizer.tokenize(b"bytes")
+    with pytest.raises(TypeError, match="expects a str"):
+        tokenizer.tokenize(["ok", None])
+    with pytest.raises(TypeError, match="integer ids"):
+        tokenizer.detokenize(np.array([1.5]))
+    with pytest.raises(ValueError, match="lone surrogates"):
+        tokenizer.tokenize("bad \ud800 text")
+
+
+def test_custom_vocabulary_and_assets(tmp_path):
+    tokens = [bytes([b]) for b in range(256)] + [b"ab", "中".encode()]
+    custom = RWKV6Tokenizer(vocabulary=tokens)
+    assert custom("abab") == [257, 257]
+    custom.save_assets(str(tmp_path))
+    reloaded = RWKV6Tokenizer()
+    reloaded.load_assets(str(tmp_path))
+    assert reloaded("abab中") == [257, 257, 258]
+    with pytest.raises(ValueError, match="256 single bytes"):
+        RWKV6Tokenizer(vocabulary=[b"a", b"b"]).tokenize("a")
+
+
+def test_bad_vocabulary_file(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("1 'a' 1\n3 'b' 1\n")
+    with pytest.raises(ValueError, match="in order"):
+        RWKV6Tokenizer(vocabulary=str(path)).tokenize("a")
+    path.write_text("1 __import__('os') 1\n")
+    with pytest.raises(ValueError, match="not a vocabulary line"):
+        RWKV6Tokenizer(vocabulary=str(path)).tokenize("a")
+
+
+def test_save_to_preset_round_trip(tokenizer, tmp_path):
+    # A preset is a backbone config plus assets.
+    tiny_backbone().save_to_preset(str(tmp_path))
+    tokenizer.save_to_preset(str(tmp_path))
+    loaded = RWKV6Tokenizer.from_preset(str(tmp_path))
+    text = mixed_corpus(20_000, seed=3)
+    assert loaded(text) == tokenizer(text)
+
+
+def tiny_backbone():
+    return RWKV6Backbone(
+        vocabulary_size=65536,
+        num_layers=1,
+        hidden_dim=64,
+        intermediate_dim=64,
+        mix_lora_dim=4,
+        decay_lora_dim=4,
+    )
