@@ -1,6 +1,8 @@
 """RWKV6 for Keras 3 and KerasHub. Importing registers the classes."""
 
+from keras_rwkv import samplers
 from keras_rwkv.models.rwkv6.rwkv6_backbone import RWKV6Backbone
+from keras_rwkv.models.rwkv6.rwkv6_causal_lm import RWKV6CausalLM
 from keras_rwkv.models.rwkv6.rwkv6_causal_lm_preprocessor import (
     RWKV6CausalLMPreprocessor,
 )
@@ -13,10 +15,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RWKV6Backbone",
+    "RWKV6CausalLM",
     "RWKV6CausalLMPreprocessor",
     "RWKV6State",
     "RWKV6StreamDecoder",
     "RWKV6Tokenizer",
+    "samplers",
     "wkv6",
     "__version__",
 ]

@@ -1,4 +1,5 @@
 from keras_rwkv.models.rwkv6.rwkv6_backbone import RWKV6Backbone
+from keras_rwkv.models.rwkv6.rwkv6_causal_lm import RWKV6CausalLM
 from keras_rwkv.models.rwkv6.rwkv6_causal_lm_preprocessor import (
     RWKV6CausalLMPreprocessor,
 )
@@ -7,6 +8,7 @@ from keras_rwkv.models.rwkv6.rwkv6_tokenizer import RWKV6Tokenizer
 
 __all__ = [
     "RWKV6Backbone",
+    "RWKV6CausalLM",
     "RWKV6CausalLMPreprocessor",
     "RWKV6State",
     "RWKV6Tokenizer",

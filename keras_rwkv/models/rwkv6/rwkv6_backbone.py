@@ -157,6 +157,10 @@ class RWKV6Backbone(Backbone):
             layer_states.append(layer_state)
         return self.layer_norm(x), layer_states
 
+    def initial_state(self, batch_size=1):
+        """The state a sequence starts from when none is given: zeros."""
+        return RWKV6State.zeros(self, batch_size)
+
     def call_with_state(self, token_ids, padding_mask=None, state=None):
         """Runs the backbone from `state` and returns the final state too.
 

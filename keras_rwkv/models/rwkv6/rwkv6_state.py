@@ -1,6 +1,14 @@
+import os
+import tempfile
+import zipfile
 from typing import NamedTuple
 
+import keras
+import numpy as np
 from keras import ops
+
+STATE_FORMAT = "keras_rwkv.RWKV6State"
+STATE_FORMAT_VERSION = 1
 
 
 class RWKV6State(NamedTuple):
@@ -67,6 +75,100 @@ class RWKV6State(NamedTuple):
             self.shift[:, index, 1],
             self.wkv[:, index],
         )
+
+    def save(self, path):
+        """Writes the state to `path` (a `.npz` file; see `load`).
+
+        The format is a plain NumPy `.npz` archive, readable anywhere
+        without keras_rwkv and without pickle: `wkv` float32
+        `[B, L, H, N, N]`, `shift` float32 `[B, L, 2, C]`, `dtype` the
+        compute dtype of `shift` (str), `format` "keras_rwkv.RWKV6State"
+        and `format_version` 1. Written to a temporary file and renamed,
+        so an interrupted save never leaves a broken file.
+        """
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            path += ".npz"
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=directory)
+        os.close(fd)
+        try:
+            np.savez(
+                tmp,
+                wkv=ops.convert_to_numpy(self.wkv).astype(np.float32),
+                shift=ops.convert_to_numpy(ops.cast(self.shift, "float32")),
+                dtype=np.array(
+                    keras.backend.standardize_dtype(self.shift.dtype)
+                ),
+                format=np.array(STATE_FORMAT),
+                format_version=np.array(STATE_FORMAT_VERSION),
+            )
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path, dtype=None):
+        """Reads a state written by `save` (never unpickles anything).
+
+        Args:
+            path: the `.npz` file.
+            dtype: compute dtype for `shift`; defaults to the saved one.
+        """
+        try:
+            data = np.load(os.fspath(path), allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(
+                f"{path} is not an RWKV6State file (saved with "
+                f"RWKV6State.save): {e}"
+            ) from None
+        with data:
+            if (
+                not hasattr(data, "files")
+                or "format" not in data.files
+                or (str(data["format"]) != STATE_FORMAT)
+            ):
+                raise ValueError(
+                    f"{path} is not an RWKV6State file (saved with "
+                    "RWKV6State.save)."
+                )
+            version = int(data["format_version"])
+            if version > STATE_FORMAT_VERSION:
+                raise ValueError(
+                    f"{path} has state format version {version}; this "
+                    "keras_rwkv reads up to version "
+                    f"{STATE_FORMAT_VERSION}. Upgrade keras_rwkv."
+                )
+            wkv, shift = data["wkv"], data["shift"]
+            dtype = dtype or str(data["dtype"])
+        if wkv.ndim != 5 or shift.ndim != 4 or wkv.shape[:2] != shift.shape[:2]:
+            raise ValueError(f"{path}: inconsistent state shapes.")
+        return cls(
+            wkv=ops.convert_to_tensor(wkv, "float32"),
+            shift=ops.cast(ops.convert_to_tensor(shift), dtype),
+        )
+
+    def check_compatible(self, backbone):
+        """Raises `ValueError` unless this state fits `backbone`."""
+        n = backbone.head_size
+        expected = (
+            backbone.num_layers,
+            backbone.hidden_dim // n,
+            n,
+            n,
+        )
+        if tuple(self.wkv.shape[1:]) != expected or tuple(
+            self.shift.shape[1:]
+        ) != (backbone.num_layers, 2, backbone.hidden_dim):
+            raise ValueError(
+                f"This state (wkv {tuple(self.wkv.shape)}, shift "
+                f"{tuple(self.shift.shape)}) does not fit the model "
+                f"({backbone.num_layers} layers, width "
+                f"{backbone.hidden_dim}); it was made by another model."
+            )
 
     @classmethod
     def from_layers(cls, layer_states):

@@ -1,0 +1,536 @@
+import itertools
+import math
+
+import keras
+import numpy as np
+from keras import ops
+from keras_hub.models import CausalLM
+from keras_hub.samplers import BeamSampler
+from keras_hub.samplers import ContrastiveSampler
+from keras_hub.samplers import SpeculativeSampler
+
+from keras_rwkv.models.rwkv6.rwkv6_backbone import RWKV6Backbone
+from keras_rwkv.models.rwkv6.rwkv6_causal_lm_preprocessor import (
+    RWKV6CausalLMPreprocessor,
+)
+from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
+
+
+def bucket_length(n):
+    """Length a prompt (or generation budget) of `n` tokens is padded to, so
+    that nearby lengths share one compiled program: powers of two from 16
+    up to 512, then multiples of 256."""
+    if n <= 16:
+        return 16
+    if n <= 512:
+        return 2 ** math.ceil(math.log2(n))
+    return 256 * math.ceil(n / 256)
+
+
+@keras.saving.register_keras_serializable(package="keras_rwkv")
+class RWKV6CausalLM(CausalLM):
+    """An RWKV6 model for causal language modeling and generation.
+
+    `fit` trains on next-token prediction (with a preprocessor, on raw
+    strings). `generate` reads the prompt with the chunked sequence path,
+    then decodes one token per step with the step path, all in one
+    compiled program per shape on JAX; the recurrent state can be passed in
+    and returned, so a long prompt is read once and reused.
+
+    Generation uses the sampler set with `compile(sampler=...)`: greedy,
+    top_k, top_p, random or beam from KerasHub, optionally wrapped in
+    `keras_rwkv.samplers.PenaltySampler` for repetition / presence /
+    frequency penalties. The contrastive and speculative samplers do not
+    apply (see the generation docs).
+
+    Args:
+        backbone: an `RWKV6Backbone`.
+        preprocessor: an `RWKV6CausalLMPreprocessor` or `None` (then
+            `generate` takes and returns token ids).
+
+    Examples:
+    ```python
+    lm = keras_hub.models.CausalLM.from_preset("rwkv6_world_1.6b")
+    lm.generate("The capital of France is", max_new_tokens=16)
+
+    # Read a long context once, reuse it.
+    state = lm.prefill("A long document ...")
+    answer, state = lm.generate(
+        "\\nQuestion: ...", state=state, return_state=True
+    )
+    state.save("context.npz")
+    ```
+    """
+
+    backbone_cls = RWKV6Backbone
+    preprocessor_cls = RWKV6CausalLMPreprocessor
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+
+        # === Functional Model ===
+        inputs = backbone.input
+        hidden_states = backbone(inputs)
+        outputs = backbone.token_embedding(hidden_states, reverse=True)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self._compiled_functions = {}
+
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        self._compiled_functions = {}
+
+    # --- model pieces -----------------------------------------------------
+
+    def call_with_state(self, token_ids, padding_mask=None, state=None):
+        """Logits, hidden states and the new state (see
+        `RWKV6Backbone.call_with_state`)."""
+        hidden, state = self.backbone.call_with_state(
+            token_ids, padding_mask, state
+        )
+        logits = self.backbone.token_embedding(hidden, reverse=True)
+        return logits, hidden, state
+
+    # --- host-side helpers ------------------------------------------------
+
+    def _prompt_rows(self, inputs):
+        """Prompts as lists of ids, and whether the input was a single
+        prompt."""
+        if isinstance(inputs, dict):
+            ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"]))
+            scalar = ids.ndim == 1
+            ids = ids[None] if scalar else ids
+            mask = inputs.get("padding_mask")
+            mask = (
+                np.ones_like(ids, bool)
+                if mask is None
+                else np.asarray(ops.convert_to_numpy(mask)).astype(bool)
+            )
+            mask = mask[None] if mask.ndim == 1 else mask
+            return [r[m].tolist() for r, m in zip(ids, mask)], scalar
+        if self.preprocessor is None:
+            raise ValueError(
+                "This RWKV6CausalLM has no preprocessor, so generate() "
+                "takes token ids: {'token_ids': ..., 'padding_mask': ...}."
+            )
+        if isinstance(inputs, np.ndarray):
+            inputs = inputs.tolist()
+        scalar = isinstance(inputs, str)
+        texts = [inputs] if scalar else list(inputs)
+        return self.preprocessor.tokenizer(texts), scalar
+
+    def _left_pad(self, rows, length):
+        ids = np.zeros((len(rows), length), "int32")
+        mask = np.zeros((len(rows), length), "int32")
+        for i, row in enumerate(rows):
+            if row:
+                ids[i, length - len(row) :] = row
+                mask[i, length - len(row) :] = 1
+        return ids, mask
+
+    def _stop_ids(self, stop_token_ids):
+        if stop_token_ids == "auto":
+            if self.preprocessor is None:
+                raise ValueError(
+                    'stop_token_ids="auto" needs a preprocessor; pass '
+                    "stop_token_ids=None (run to max length) or a list of "
+                    "ids."
+                )
+            return (self.preprocessor.tokenizer.end_token_id,)
+        if stop_token_ids is None:
+            return None
+        return tuple(int(t) for t in stop_token_ids)
+
+    def _compiled(self, key, fn):
+        """`fn(*tensors)` compiled for this model's backend, once per key.
+
+        On JAX the whole function is one `jax.jit` program with the model
+        and sampler variables passed in (as KerasHub's generate does)."""
+        if key in self._compiled_functions:
+            return self._compiled_functions[key]
+        backend = keras.config.backend()
+        sampler_vars = self.sampler.variables if self.sampler else []
+        if backend == "jax" and not self.run_eagerly:
+            import jax
+
+            @jax.jit
+            def compiled(variables, *args):
+                sampler_v, trainable_v, non_trainable_v = variables
+                mapping = itertools.chain(
+                    zip(sampler_vars, sampler_v),
+                    zip(self.trainable_variables, trainable_v),
+                    zip(self.non_trainable_variables, non_trainable_v),
+                )
+                with keras.StatelessScope(state_mapping=mapping) as scope:
+                    out = fn(*args)
+                new_sampler_v = [
+                    scope.get_current_value(v)
+                    if scope.get_current_value(v) is not None
+                    else v.value
+                    for v in sampler_vars
+                ]
+                return out, new_sampler_v
+
+            def run(*args):
+                variables = (
+                    [v.value for v in sampler_vars],
+                    [v.value for v in self.trainable_variables],
+                    [v.value for v in self.non_trainable_variables],
+                )
+                out, new_sampler_v = compiled(variables, *args)
+                for ref, value in zip(sampler_vars, new_sampler_v):
+                    ref.assign(value)
+                return out
+
+        elif backend == "torch":
+            import torch
+
+            def run(*args):
+                with torch.no_grad():
+                    return fn(*args)
+
+        else:
+            run = fn
+        self._compiled_functions[key] = run
+        return run
+
+    def _prepare_state(self, state, batch_size):
+        if state is None:
+            return None
+        if not isinstance(state, RWKV6State):
+            raise TypeError(
+                "state must be an RWKV6State (from prefill, generate with "
+                f"return_state=True, or RWKV6State.load); got "
+                f"{type(state).__name__}."
+            )
+        state.check_compatible(self.backbone)
+        state = state.broadcast_to(batch_size)
+        return RWKV6State(
+            wkv=ops.convert_to_tensor(state.wkv, "float32"),
+            shift=ops.cast(state.shift, self.backbone.compute_dtype),
+        )
+
+    # --- prefill ----------------------------------------------------------
+
+    def prefill(self, inputs, state=None):
+        """Reads prompts and returns the recurrent state after them.
+
+        Args:
+            inputs: a string, a list of strings, or `{"token_ids",
+                "padding_mask"}`.
+            state: optional `RWKV6State` to start from (batch 1 or B).
+
+        Returns:
+            An `RWKV6State` of batch B (1 for a single string).
+        """
+        rows, _ = self._prompt_rows(inputs)
+        length = bucket_length(max(1, max(len(r) for r in rows)))
+        ids, mask = self._left_pad(rows, length)
+        state = self._prepare_state(state, len(rows))
+
+        def fn(ids, mask, state):
+            _, _, new_state = self.call_with_state(ids, mask, state)
+            return new_state
+
+        key = ("prefill", ids.shape, state is None)
+        return self._compiled(key, fn)(ids, mask, state)
+
+    # --- generate ---------------------------------------------------------
+
+    def _check_sampler(self, stream):
+        if self.sampler is None:
+            self.compile(sampler="greedy")
+        inner = getattr(self.sampler, "sampler", self.sampler)
+        if isinstance(inner, (ContrastiveSampler, SpeculativeSampler)):
+            raise ValueError(
+                f"{type(inner).__name__} does not apply to RWKV: it needs "
+                "per-position hidden states (or a draft model) over the whole "
+                "context, which a recurrent model does not keep. Use greedy, "
+                "top_k, top_p, random or beam."
+            )
+        if stream is not None and isinstance(inner, BeamSampler):
+            raise ValueError(
+                "Streaming is not available with beam search: beams are "
+                "only ranked at the end."
+            )
+
+    def generate(
+        self,
+        inputs,
+        max_length=None,
+        stop_token_ids="auto",
+        strip_prompt=False,
+        state=None,
+        return_state=False,
+        max_new_tokens=None,
+        stream=None,
+    ):
+        """Generates text (or token ids) after the given prompts.
+
+        The prompts are left-padded together, read with the chunked
+        sequence path (pads never touch the state), then tokens are decoded
+        one step at a time with the compiled sampler loop. Rows of any
+        length give exactly what each row gives alone.
+
+        Args:
+            inputs: a string, a list of strings, or preprocessed token ids
+                `{"token_ids": [B, T], "padding_mask": [B, T]}` (then token
+                ids come back, with or without a preprocessor).
+            max_length: int. KerasHub's meaning: the total length, prompt
+                included, counted for the longest prompt of the batch, i.e.
+                `max_length - longest_prompt` new tokens. Defaults to the
+                preprocessor's `sequence_length`. Must exceed the longest
+                prompt.
+            stop_token_ids: `"auto"` (the end token, id 0), `None` (always
+                run to the length limit) or a list of ids. Each row stops at
+                its own first stop token (kept in the output ids; id 0 is
+                dropped from text).
+            strip_prompt: return only the generated part.
+            state: an `RWKV6State` (batch 1 or B) the prompts continue
+                from, e.g. from `prefill`.
+            return_state: also return the state after the output (prompt
+                and generated tokens, up to and including a stop token).
+            max_new_tokens: int. Number of new tokens, instead of
+                `max_length`.
+            stream: a callable receiving each newly generated step as an
+                int array `[B]`, as soon as it is produced (not with beam
+                search).
+
+        Returns:
+            Text (a string for a single string prompt, else a list), or a
+            dict of token ids and mask for token-id inputs; with
+            `return_state=True`, `(outputs, state)`.
+
+        An empty prompt without `state` starts from the end-of-text token
+        (id 0), as every World training document does. With a `state`, a
+        prompt must have at least one token.
+        """
+        self._check_sampler(stream)
+        rows, scalar = self._prompt_rows(inputs)
+        text_out = not isinstance(inputs, dict)
+        if not rows:
+            raise ValueError("generate() got an empty batch.")
+        if any(len(r) == 0 for r in rows):
+            if state is not None:
+                raise ValueError(
+                    "An empty prompt cannot continue a state: the model "
+                    "needs at least one new token to predict from."
+                )
+            rows = [r if r else [0] for r in rows]
+        longest = max(len(r) for r in rows)
+        num_new = self._num_new_tokens(longest, max_length, max_new_tokens)
+        stop_ids = self._stop_ids(stop_token_ids)
+
+        prompt_len = bucket_length(longest)
+        budget = bucket_length(num_new)
+        ids, mask = self._left_pad(rows, prompt_len)
+        state = self._prepare_state(state, len(rows))
+
+        reporter = _StreamReporter(stream) if stream is not None else None
+
+        def fn(ids, mask, state, limit):
+            return self._generate_batch(
+                ids,
+                mask,
+                state,
+                limit,
+                budget,
+                stop_ids,
+                return_state,
+                reporter,
+            )
+
+        key = (
+            "generate",
+            ids.shape,
+            budget,
+            stop_ids,
+            state is None,
+            return_state,
+            reporter is not None,
+        )
+        limit = np.array(num_new, "int32")
+        out = self._compiled(key, fn)(ids, mask, state, limit)
+        token_ids, padding_mask = out["token_ids"], out["padding_mask"]
+        if reporter is not None:
+            reporter.finish(
+                token_ids, padding_mask, prompt_len + budget - num_new
+            )
+        if strip_prompt:
+            padding_mask = ops.logical_and(
+                padding_mask, ops.logical_not(out["prompt_mask"])
+            )
+        outputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+        if text_out:
+            outputs = self.preprocessor.generate_postprocess(outputs)
+            if scalar:
+                outputs = outputs[0]
+        else:
+            outputs = _compact(outputs)
+            if scalar:
+                outputs = {k: v[0] for k, v in outputs.items()}
+        if return_state:
+            return outputs, out["state"]
+        return outputs
+
+    def _num_new_tokens(self, longest, max_length, max_new_tokens):
+        if max_new_tokens is not None:
+            if max_length is not None:
+                raise ValueError("Pass max_length or max_new_tokens, not both.")
+            if max_new_tokens < 1:
+                raise ValueError("max_new_tokens must be >= 1.")
+            return int(max_new_tokens)
+        if max_length is None:
+            if self.preprocessor is None:
+                raise ValueError(
+                    "Pass max_length or max_new_tokens (there is no "
+                    "preprocessor to take a default sequence_length from)."
+                )
+            max_length = self.preprocessor.sequence_length
+        if max_length <= longest:
+            raise ValueError(
+                f"max_length={max_length} leaves no room to generate: the "
+                f"longest prompt has {longest} tokens and max_length counts "
+                "the prompt too. Raise max_length or use max_new_tokens."
+            )
+        return int(max_length - longest)
+
+    def _generate_batch(
+        self,
+        ids,
+        mask,
+        state,
+        limit,
+        budget,
+        stop_ids,
+        return_state,
+        reporter,
+    ):
+        """The compiled part of `generate`: prefill, sampler loop, outputs.
+
+        Layout of the token buffer (length P + budget): the left-padded
+        prompt without its last token, then pads, then the held-back last
+        prompt token at column s - 1 and `limit` generation slots from
+        column s = P + budget - limit. The loop starts at s, so a dynamic
+        `limit` needs no recompilation.
+        """
+        batch, prompt_len = ops.shape(ids)[0], ids.shape[1]
+        total = prompt_len + budget
+        start = total - ops.cast(limit, "int32")
+        tail = ops.zeros((batch, budget + 1), "int32")
+        tokens = ops.concatenate([ids[:, :-1], tail], axis=1)
+        read = ops.concatenate([mask[:, :-1], tail], axis=1)
+        tokens = ops.slice_update(tokens, [0, start - 1], ids[:, -1:])
+        read = ops.slice_update(read, [0, start - 1], mask[:, -1:])
+        read = ops.cast(read, "bool")
+
+        if state is None:
+            state = self.backbone.initial_state(batch)
+        if prompt_len > 1:
+            _, state = self.backbone.call_with_state(
+                ids[:, :-1], mask[:, :-1], state
+            )
+        prompt_state = state
+        columns = ops.arange(total, dtype="int32")[None, :]
+
+        def next(tokens, state, index):
+            rows = ops.shape(tokens)[0]
+            token = ops.slice(tokens, [0, index - 1], [rows, 1])
+            if reporter is not None:
+                reporter.report(token[:, 0], index - 1 >= start)
+            logits, hidden, state = self.call_with_state(
+                token, ops.ones_like(token), state
+            )
+            return logits[:, 0], hidden[:, 0], state
+
+        tokens = self.sampler(
+            next=next,
+            prompt=tokens,
+            cache=state,
+            index=start,
+            mask=read,
+            stop_token_ids=stop_ids,
+            model=self,
+        )
+
+        generated = columns >= start
+        keep = ops.logical_or(read, generated)
+        if stop_ids is not None:
+            from keras_hub.src.utils.tensor_utils import any_equal
+
+            ends = ops.cast(any_equal(tokens, stop_ids, generated), "int32")
+            after_end = ops.cumsum(ends, axis=1) - ends
+            keep = ops.logical_and(keep, ops.equal(after_end, 0))
+        out = {
+            "token_ids": tokens,
+            "padding_mask": keep,
+            "prompt_mask": ops.logical_and(read, ops.logical_not(generated)),
+        }
+        if return_state:
+            # Read what the loop produced (one chunked pass) so the state
+            # covers exactly the output, whatever the sampler did.
+            from_col = prompt_len - 1
+            _, out["state"] = self.backbone.call_with_state(
+                tokens[:, from_col:],
+                ops.cast(keep[:, from_col:], "int32"),
+                prompt_state,
+            )
+        return out
+
+
+def _compact(outputs):
+    """Token-id outputs without the internal gap: each row's kept tokens,
+    left-padded to the longest row."""
+    ids = np.asarray(ops.convert_to_numpy(outputs["token_ids"]))
+    mask = np.asarray(ops.convert_to_numpy(outputs["padding_mask"]))
+    mask = mask.astype(bool)
+    rows = [r[m] for r, m in zip(ids, mask)]
+    width = max(1, max(len(r) for r in rows))
+    out_ids = np.zeros((len(rows), width), ids.dtype)
+    out_mask = np.zeros((len(rows), width), bool)
+    for i, row in enumerate(rows):
+        if len(row):
+            out_ids[i, width - len(row) :] = row
+            out_mask[i, width - len(row) :] = True
+    return {"token_ids": out_ids, "padding_mask": out_mask}
+
+
+class _StreamReporter:
+    """Delivers generated tokens to a callback from inside the loop (a JAX
+    ordered host callback under jit, a plain call elsewhere)."""
+
+    def __init__(self, callback):
+        self.callback = callback
+        self.sent = 0
+
+    def _deliver(self, tokens, is_generated):
+        if bool(np.asarray(is_generated)):
+            self.callback(np.asarray(tokens))
+            self.sent += 1
+
+    def report(self, tokens, is_generated):
+        if keras.config.backend() == "jax":
+            import jax
+
+            jax.debug.callback(
+                self._deliver, tokens, is_generated, ordered=True
+            )
+        else:
+            self._deliver(
+                ops.convert_to_numpy(tokens),
+                ops.convert_to_numpy(is_generated),
+            )
+
+    def finish(self, token_ids, padding_mask, start):
+        """Sends the steps the loop produced but did not feed back: the
+        last one, up to the last kept column."""
+        if keras.config.backend() == "jax":
+            import jax
+
+            jax.effects_barrier()
+        token_ids = np.asarray(ops.convert_to_numpy(token_ids))
+        kept = np.asarray(ops.convert_to_numpy(padding_mask)).any(axis=0)
+        end = int(np.nonzero(kept)[0].max()) + 1 if kept.any() else 0
+        for column in range(start + self.sent, end):
+            self.callback(token_ids[:, column])
