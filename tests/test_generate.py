@@ -161,6 +161,21 @@ def test_stop_tokens_end_each_row(blinkdl_pair):
         assert new == expected
 
 
+def test_pad_id_as_stop_token_is_not_confused_with_padding(blinkdl_pair):
+    # Pad and end of text are both id 0 in RWKV World: left pads and empty
+    # generation slots must not count as "stopped".
+    _, backbone = blinkdl_pair
+    lm = id_lm(backbone)
+    prompts = [[5, 6, 7, 8, 9, 10], [100]]
+    free = generated(
+        lm.generate(as_ids(*prompts), max_new_tokens=12, stop_token_ids=None),
+        12,
+    )
+    assert all(0 not in row for row in free)
+    out = lm.generate(as_ids(*prompts), max_new_tokens=12, stop_token_ids=[0])
+    assert generated(out, 12) == free
+
+
 def test_streaming_delivers_every_token(blinkdl_pair):
     _, backbone = blinkdl_pair
     lm = id_lm(backbone)

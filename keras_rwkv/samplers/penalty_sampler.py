@@ -27,7 +27,9 @@ class PenaltySampler(Sampler):
     temperature to any KerasHub sampler.
 
     The penalties are computed from the token buffer inside the compiled
-    generation loop (nothing runs on the host), then the wrapped sampler
+    generation loop (nothing runs on the host): the prompt tokens are the
+    positions the sampler's `mask` protects, except negative ids (padding);
+    the generated ones are those written by the loop. Then the wrapped sampler
     (greedy, top-k, top-p, random, beam) picks the token. Use it the KerasHub
     way: `causal_lm.compile(sampler=PenaltySampler("top_p", ...))`.
 
@@ -217,8 +219,11 @@ class PenaltySampler(Sampler):
             read = ops.repeat(prompt_mask, repeats, axis=0)
             columns = ops.arange(ops.shape(tokens)[1], dtype="int32")[None]
             generated = (columns >= start) & (columns < index)
-            read = (read & (columns < index)) | generated
-            logits = self.apply_penalties(logits, tokens, read, generated)
+            # Negative ids mark padding inside the prompt region.
+            read = (read & (columns < index) & (tokens >= 0)) | generated
+            logits = self.apply_penalties(
+                logits, ops.maximum(tokens, 0), read, generated
+            )
             return logits, hidden, cache
 
         return self.sampler(

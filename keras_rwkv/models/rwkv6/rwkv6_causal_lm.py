@@ -424,6 +424,14 @@ class RWKV6CausalLM(CausalLM):
         tokens = ops.slice_update(tokens, [0, start - 1], ids[:, -1:])
         read = ops.slice_update(read, [0, start - 1], mask[:, -1:])
         read = ops.cast(read, "bool")
+        columns = ops.arange(total, dtype="int32")[None, :]
+        before_start = columns < start
+        # Everything but real prompt tokens holds id -1 until written: never
+        # a stop token (pad and end of text are both 0 in RWKV World), and
+        # samplers (PenaltySampler) can tell pads from real prompt tokens.
+        # The whole region before `start` is the sampler's "prompt" (never
+        # written, never searched for stop tokens).
+        tokens = ops.where(read, tokens, -1)
 
         if state is None:
             state = self.backbone.initial_state(batch)
@@ -432,7 +440,6 @@ class RWKV6CausalLM(CausalLM):
                 ids[:, :-1], mask[:, :-1], state
             )
         prompt_state = state
-        columns = ops.arange(total, dtype="int32")[None, :]
 
         def next(tokens, state, index):
             rows = ops.shape(tokens)[0]
@@ -449,12 +456,13 @@ class RWKV6CausalLM(CausalLM):
             prompt=tokens,
             cache=state,
             index=start,
-            mask=read,
+            mask=ops.broadcast_to(before_start, ops.shape(tokens)),
             stop_token_ids=stop_ids,
             model=self,
         )
+        tokens = ops.maximum(tokens, 0)  # pads back to id 0
 
-        generated = columns >= start
+        generated = ops.logical_not(before_start)
         keep = ops.logical_or(read, generated)
         if stop_ids is not None:
             from keras_hub.src.utils.tensor_utils import any_equal
