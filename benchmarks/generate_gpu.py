@@ -64,7 +64,7 @@ def bench_ours(repeats):
         ids = rng.integers(1, 65529, (batch, PROMPT)).astype("int32")
         inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
 
-        def run():
+        def run(inputs=inputs, batch=batch):
             out = lm.generate(inputs, max_new_tokens=NEW, stop_token_ids=None)
             assert out["padding_mask"].sum() == batch * (PROMPT + NEW)
 
