@@ -11,7 +11,12 @@ from keras_rwkv.models.rwkv6.rwkv6_stream_decoder import RWKV6StreamDecoder
 from keras_rwkv.models.rwkv6.rwkv6_tokenizer import RWKV6Tokenizer
 from keras_rwkv.ops.wkv6 import wkv6
 
+from keras_rwkv.utils.preset_cache import install_keras_hub_hook
+
 __version__ = "0.1.0"
+
+# Named presets (rwkv6_world_1.6b, ...) become loadable through KerasHub.
+install_keras_hub_hook()
 
 __all__ = [
     "RWKV6Backbone",

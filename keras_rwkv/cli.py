@@ -14,13 +14,15 @@ CHAT_COMMANDS = """commands:
 
 
 def _convert(args):
+    from keras_rwkv import RWKV6CausalLMPreprocessor
     from keras_rwkv import RWKV6Tokenizer
     from keras_rwkv.convert import convert_checkpoint
     from keras_rwkv.convert import write_preset
 
     backbone = convert_checkpoint(args.source, dtype=args.dtype)
+    preprocessor = RWKV6CausalLMPreprocessor(RWKV6Tokenizer())
     path = write_preset(
-        [backbone, RWKV6Tokenizer()], args.output_dir, overwrite=args.overwrite
+        [backbone, preprocessor], args.output_dir, overwrite=args.overwrite
     )
     print(f"Wrote KerasHub preset to {path}")
     print(f"Generate with: keras-rwkv generate --preset {path} 'Hello'")
