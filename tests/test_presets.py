@@ -185,11 +185,11 @@ def test_modelscope_handle_goes_through_keras_hub(
 
 
 def expected_params(c):
-    l, h, f = c["num_layers"], c["hidden_dim"], c["intermediate_dim"]
+    layers, h, f = c["num_layers"], c["hidden_dim"], c["intermediate_dim"]
     dm, dd, v = c["mix_lora_dim"], c["decay_lora_dim"], c["vocabulary_size"]
     att = 5 * h * h + 6 * h + 10 * h * dm + 2 * h * dd + 2 * h + 2 * h
     ffn = 2 * f * h + h * h + 2 * h
-    return l * (att + ffn + 4 * h) + 2 * v * h + 4 * h
+    return layers * (att + ffn + 4 * h) + 2 * v * h + 4 * h
 
 
 def test_manifest_is_consistent():
