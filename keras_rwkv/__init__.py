@@ -10,7 +10,6 @@ from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
 from keras_rwkv.models.rwkv6.rwkv6_stream_decoder import RWKV6StreamDecoder
 from keras_rwkv.models.rwkv6.rwkv6_tokenizer import RWKV6Tokenizer
 from keras_rwkv.ops.wkv6 import wkv6
-
 from keras_rwkv.utils.preset_cache import install_keras_hub_hook
 
 __version__ = "0.1.0"

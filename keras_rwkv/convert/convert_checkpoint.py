@@ -6,6 +6,7 @@ import tempfile
 
 import keras
 
+from keras_rwkv.convert import bert4keras3
 from keras_rwkv.convert import blinkdl
 from keras_rwkv.convert.torch_checkpoint import CheckpointError
 from keras_rwkv.convert.torch_checkpoint import load_torch_checkpoint
@@ -15,7 +16,9 @@ def convert_checkpoint(source, dtype=None, progress=True):
     """Builds an `RWKV6Backbone` holding the weights of `source`.
 
     Args:
-        source: path to a BlinkDL RWKV6 `.pth` checkpoint.
+        source: path to a BlinkDL RWKV6 `.pth` checkpoint, or to a
+            bert4keras3 RWKV6 directory (`config.json`,
+            `model.weights.h5`, `rwkv_vocab_v20230424.txt`).
         dtype: Keras dtype policy name for the backbone (`"float32"`,
             `"bfloat16"`, `"mixed_bfloat16"`, ...). `None` keeps the
             checkpoint's storage dtype (bfloat16 for the official models),
@@ -28,13 +31,16 @@ def convert_checkpoint(source, dtype=None, progress=True):
     from keras_rwkv.models.rwkv6.rwkv6_backbone import RWKV6Backbone
 
     source = os.fspath(source)
-    if os.path.isdir(source):
+    if bert4keras3.is_bert4keras3_dir(source):
+        weights = bert4keras3.load_bert4keras3_dir(source)
+    elif os.path.isdir(source):
         raise CheckpointError(
             f"{source} is a directory; `convert` takes a BlinkDL `.pth` "
             "file. To load a KerasHub preset directory use "
             "`keras_hub.models.CausalLM.from_preset(DIR)` directly."
         )
-    weights = load_torch_checkpoint(source)
+    else:
+        weights = load_torch_checkpoint(source)
     if not isinstance(weights, dict):
         raise CheckpointError(
             f"{source} holds a {type(weights).__name__}, not a state dict "

@@ -1,4 +1,5 @@
 import keras
+import numpy as np
 from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
@@ -38,6 +39,8 @@ class RWKV6Backbone(Backbone):
         wkv_kernel: str. WKV implementation: `"auto"`, `"python"` or
             `"cuda"`. Not a property of the weights; change it freely.
         wkv_chunk_size: int. Chunk length of the Python WKV path.
+        tuned_state: `None`, `"wkv"` or `"wkv+shift"`: trainable initial
+            states (set by `enable_state_tuning`; kept in presets).
         dtype: string or `keras.DTypePolicy`. The WKV math, the decay and the
             group norm always run in float32.
 
@@ -71,6 +74,7 @@ class RWKV6Backbone(Backbone):
         group_norm_epsilon=64e-5,
         wkv_kernel="auto",
         wkv_chunk_size=16,
+        tuned_state=None,
         dtype=None,
         **kwargs,
     ):
@@ -99,6 +103,7 @@ class RWKV6Backbone(Backbone):
                 group_norm_epsilon=group_norm_epsilon,
                 wkv_kernel=wkv_kernel,
                 wkv_chunk_size=wkv_chunk_size,
+                tuned_state=tuned_state,
                 dtype=dtype,
                 name=f"block_{i}",
             )
@@ -142,6 +147,181 @@ class RWKV6Backbone(Backbone):
         self.wkv_kernel = wkv_kernel
         self.wkv_chunk_size = wkv_chunk_size
 
+    def default_lora_layer_names(self):
+        """LoRA targets: the TimeMix receptance/key/value/gate/output and the
+        ChannelMix key/value/receptance projections (layer names)."""
+        return ["receptance", "key", "value", "gate", "output"]
+
+    @property
+    def tuned_state(self):
+        """`None`, `"wkv"` or `"wkv+shift"`: which trainable initial states
+        the layers carry (see `enable_state_tuning`)."""
+        return self.transformer_layers[0].tuned_state
+
+    def enable_state_tuning(self, time_shift=True):
+        """Trains the initial recurrent state instead of the weights.
+
+        Freezes every existing weight (LoRA weights included) and gives each
+        layer trainable float32 initial states, starting at zero: the WKV
+        state `[H, N, N]` and, with `time_shift=True`, the TimeMix and
+        ChannelMix token-shift states `[C]`. They are used whenever no
+        explicit state is passed (`fit`, calls, `generate`, `prefill`), and
+        shared by every row of a batch. An explicit `state` replaces them.
+
+        Calling it again keeps the tuned values (and adds the shift states
+        if `time_shift` is now True) and re-freezes everything else, LoRA
+        weights included; `enable_lora` afterwards freezes the states in
+        turn. Compile (again) after calling it.
+
+        Args:
+            time_shift: bool. Also tune the token-shift states.
+        """
+        self.trainable = True
+        for layer in self._flatten_layers(include_self=False):
+            layer.trainable = False
+        for block in self.transformer_layers:
+            block.trainable = True
+            for layer in block._flatten_layers(include_self=False):
+                layer.trainable = False
+            block.enable_state_tuning(time_shift)
+
+    def tuned_state_arrays(self):
+        """The tuned states as numpy: `{"wkv": [L, H, N, N]}` plus
+        `"shift": [L, 2, C]` if tuned."""
+        if self.tuned_state is None:
+            raise ValueError(
+                "This backbone has no tuned state; call "
+                "enable_state_tuning() first."
+            )
+        blocks = self.transformer_layers
+        out = {
+            "wkv": np.stack(
+                [ops.convert_to_numpy(b.initial_wkv) for b in blocks]
+            )
+        }
+        if self.tuned_state == "wkv+shift":
+            out["shift"] = np.stack(
+                [ops.convert_to_numpy(b.initial_shift) for b in blocks]
+            )
+        return out
+
+    def set_tuned_state_arrays(self, wkv, shift=None):
+        """Assigns tuned states (enabling state tuning if needed)."""
+        n, c, layers = self.head_size, self.hidden_dim, self.num_layers
+        wkv = np.asarray(wkv, np.float32)
+        if wkv.shape != (layers, c // n, n, n):
+            raise ValueError(
+                f"Tuned WKV state has shape {wkv.shape}; this model needs "
+                f"{(layers, c // n, n, n)}."
+            )
+        if shift is not None:
+            shift = np.asarray(shift, np.float32)
+            if shift.shape != (layers, 2, c):
+                raise ValueError(
+                    f"Tuned shift state has shape {shift.shape}; this model "
+                    f"needs {(layers, 2, c)}."
+                )
+        if self.tuned_state is None or (
+            shift is not None and self.tuned_state != "wkv+shift"
+        ):
+            self.enable_state_tuning(time_shift=shift is not None)
+        for i, block in enumerate(self.transformer_layers):
+            block.initial_wkv.assign(wkv[i])
+            if block.initial_shift is not None:
+                block.initial_shift.assign(
+                    shift[i] if shift is not None else np.zeros((2, c))
+                )
+
+    def save_tuned_state(self, path):
+        """Writes just the tuned states to a small `.npz` file (`wkv`
+        `[L, H, N, N]` in (key, value) order, and `shift` `[L, 2, C]` if
+        tuned). Load with `load_tuned_state`."""
+        from keras_rwkv.utils.files import atomic_savez
+
+        return atomic_savez(
+            path, format="keras_rwkv.tuned_state", **self.tuned_state_arrays()
+        )
+
+    def load_tuned_state(self, path):
+        """Reads a file written by `save_tuned_state` (no pickle)."""
+        with np.load(path, allow_pickle=False) as data:
+            if str(data.get("format", "")) != "keras_rwkv.tuned_state":
+                raise ValueError(
+                    f"{path} is not a tuned-state file (save_tuned_state)."
+                )
+            shift = data["shift"] if "shift" in data.files else None
+            self.set_tuned_state_arrays(data["wkv"], shift)
+
+    def export_time_state(self, path, drop_time_shift=False):
+        """Writes the tuned WKV state in the RWKV-PEFT / BlinkDL format: a
+        `.pth` of `blocks.{i}.att.time_state` `[H, N, N]` float32 in
+        (value, key) order, which BlinkDL's `rwkv` applies when merged into
+        the model's state dict. Needs torch.
+
+        That format has no token-shift states: if they are tuned, pass
+        `drop_time_shift=True` to export the WKV state alone (or keep
+        everything with `save_tuned_state`).
+        """
+        arrays = self.tuned_state_arrays()
+        if "shift" in arrays and not drop_time_shift:
+            raise ValueError(
+                "The RWKV-PEFT time_state format cannot hold the tuned "
+                "token-shift states. Pass drop_time_shift=True to export the "
+                "WKV state alone, or use save_tuned_state() to keep both."
+            )
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(
+                "Writing a .pth needs torch: pip install torch."
+            ) from None
+        state = {
+            f"blocks.{i}.att.time_state": torch.from_numpy(
+                np.ascontiguousarray(np.swapaxes(wkv, -1, -2))
+            )
+            for i, wkv in enumerate(arrays["wkv"])
+        }
+        torch.save(state, str(path))
+        return str(path)
+
+    def import_time_state(self, path):
+        """Reads `blocks.{i}.att.time_state` from an RWKV-PEFT / BlinkDL
+        `.pth` (a state file, or a model file with the states merged in)
+        into the tuned WKV state, without executing code from it."""
+        from keras_rwkv.convert import CheckpointError
+        from keras_rwkv.convert import load_torch_checkpoint
+
+        weights = load_torch_checkpoint(path)
+        keys = [f"blocks.{i}.att.time_state" for i in range(self.num_layers)]
+        missing = [k for k in keys if k not in weights]
+        if missing:
+            raise CheckpointError(
+                f"{path} has no {missing[0]} ({len(missing)} of "
+                f"{len(keys)} layers missing); it is not an RWKV-PEFT "
+                "state file for this model."
+            )
+        wkv = np.stack(
+            [
+                np.swapaxes(np.asarray(weights[k], np.float32), -1, -2)
+                for k in keys
+            ]
+        )
+        shift = None
+        if self.tuned_state == "wkv+shift":
+            shift = self.tuned_state_arrays()["shift"]
+        self.set_tuned_state_arrays(wkv, shift)
+
+    def initial_state(self, batch_size=1):
+        """The state a sequence starts from when none is given: the tuned
+        states if any (see `enable_state_tuning`), else zeros."""
+        layer_states = [
+            block.initial_layer_state(batch_size, self.compute_dtype)
+            for block in self.transformer_layers
+        ]
+        state = RWKV6State.from_layers(layer_states)  # wkv has batch 1
+        wkv_shape = (batch_size,) + tuple(state.wkv.shape[1:])
+        return RWKV6State(ops.broadcast_to(state.wkv, wkv_shape), state.shift)
+
     def _run_layers(self, token_ids, padding_mask, state):
         """The one forward pass, shared by the functional graph (`state`
         None, i.e. zeros) and `call_with_state`."""
@@ -156,10 +336,6 @@ class RWKV6Backbone(Backbone):
             )
             layer_states.append(layer_state)
         return self.layer_norm(x), layer_states
-
-    def initial_state(self, batch_size=1):
-        """The state a sequence starts from when none is given: zeros."""
-        return RWKV6State.zeros(self, batch_size)
 
     def call_with_state(self, token_ids, padding_mask=None, state=None):
         """Runs the backbone from `state` and returns the final state too.
@@ -201,6 +377,7 @@ class RWKV6Backbone(Backbone):
                 "group_norm_epsilon": self.group_norm_epsilon,
                 "wkv_kernel": self.wkv_kernel,
                 "wkv_chunk_size": self.wkv_chunk_size,
+                "tuned_state": self.tuned_state,
             }
         )
         return config

@@ -4,6 +4,9 @@ from keras_rwkv.models.rwkv6.rwkv6_channel_mix import RWKV6ChannelMix
 from keras_rwkv.models.rwkv6.rwkv6_time_mix import RWKV6TimeMix
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import token_shift
 
+# Trainable initial states a block can carry (state tuning).
+TUNED_STATES = (None, "wkv", "wkv+shift")
+
 
 @keras.saving.register_keras_serializable(package="keras_rwkv")
 class RWKV6Block(keras.layers.Layer):
@@ -25,6 +28,9 @@ class RWKV6Block(keras.layers.Layer):
         group_norm_epsilon: float. Epsilon of the per-head group norm.
         wkv_kernel: str. `"auto"`, `"python"` or `"cuda"`.
         wkv_chunk_size: int. Chunk length of the Python WKV path.
+        tuned_state: `None`, `"wkv"` or `"wkv+shift"`: trainable initial
+            states used when no state is passed (see
+            `RWKV6Backbone.enable_state_tuning`).
 
     Examples:
     ```python
@@ -47,10 +53,18 @@ class RWKV6Block(keras.layers.Layer):
         group_norm_epsilon=64e-5,
         wkv_kernel="auto",
         wkv_chunk_size=16,
+        tuned_state=None,
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if tuned_state not in TUNED_STATES:
+            raise ValueError(
+                f"tuned_state={tuned_state!r}; use one of {TUNED_STATES}."
+            )
+        self.tuned_state = tuned_state
+        self.initial_wkv = None
+        self.initial_shift = None
         self.hidden_dim = hidden_dim
         self.intermediate_dim = intermediate_dim
         self.head_size = head_size
@@ -93,7 +107,59 @@ class RWKV6Block(keras.layers.Layer):
         shape = (None, None, self.hidden_dim)
         for layer in (self.ln1, self.ln2, self.time_mix, self.channel_mix):
             layer.build(shape)
+        self._add_tuned_state(self.tuned_state)
         self.built = True
+
+    def _add_tuned_state(self, tuned_state):
+        """Creates the trainable initial-state variables (zeros, float32)."""
+        if tuned_state is None:
+            return
+        n, c = self.head_size, self.hidden_dim
+        if self.initial_wkv is None:
+            self.initial_wkv = self.add_weight(
+                shape=(c // n, n, n),
+                initializer="zeros",
+                dtype="float32",
+                autocast=False,
+                name="initial_wkv",
+            )
+        if tuned_state == "wkv+shift" and self.initial_shift is None:
+            self.initial_shift = self.add_weight(
+                shape=(2, c),
+                initializer="zeros",
+                dtype="float32",
+                autocast=False,
+                name="initial_shift",
+            )
+        self.tuned_state = (
+            "wkv+shift" if self.initial_shift is not None else "wkv"
+        )
+
+    def enable_state_tuning(self, time_shift=True):
+        """Adds the tuned initial states (kept if they already exist).
+        Freezing the other weights is the backbone's job."""
+        self._tracker.unlock()
+        try:
+            self._add_tuned_state("wkv+shift" if time_shift else "wkv")
+        finally:
+            self._tracker.lock()
+
+    def initial_layer_state(self, batch_size, dtype):
+        """`(shift_tm, shift_cm, wkv)` a sequence starts from when no state
+        is given: the tuned states if any (shared by the batch), else
+        zeros. `wkv` has batch 1 (the WKV op broadcasts it)."""
+        c, n = self.hidden_dim, self.head_size
+        if self.initial_shift is not None:
+            shift = keras.ops.cast(self.initial_shift, dtype)
+            shift_tm = keras.ops.broadcast_to(shift[0], (batch_size, c))
+            shift_cm = keras.ops.broadcast_to(shift[1], (batch_size, c))
+        else:
+            shift_tm = shift_cm = keras.ops.zeros((batch_size, c), dtype)
+        if self.initial_wkv is not None:
+            wkv = keras.ops.convert_to_tensor(self.initial_wkv)[None]
+        else:
+            wkv = keras.ops.zeros((1, c // n, n, n), "float32")
+        return shift_tm, shift_cm, wkv
 
     def call(self, x, padding_mask, prev_index, last_index, state=None):
         """Runs the layer.
@@ -109,10 +175,10 @@ class RWKV6Block(keras.layers.Layer):
             `(x [B, T, C], new_state)`.
         """
         if state is None:
-            zeros = keras.ops.zeros_like(x[:, 0])
-            shift_tm, shift_cm, wkv = zeros, zeros, None
-        else:
-            shift_tm, shift_cm, wkv = state
+            state = self.initial_layer_state(
+                keras.ops.shape(x)[0], self.compute_dtype
+            )
+        shift_tm, shift_cm, wkv = state
 
         xx = self.ln1(x)
         previous, shift_tm = token_shift(xx, shift_tm, prev_index, last_index)
@@ -149,6 +215,7 @@ class RWKV6Block(keras.layers.Layer):
                 "group_norm_epsilon": self.group_norm_epsilon,
                 "wkv_kernel": self.wkv_kernel,
                 "wkv_chunk_size": self.wkv_chunk_size,
+                "tuned_state": self.tuned_state,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),

@@ -83,6 +83,11 @@ class RWKV6CausalLM(CausalLM):
 
     # --- model pieces -----------------------------------------------------
 
+    def enable_state_tuning(self, time_shift=True):
+        """See `RWKV6Backbone.enable_state_tuning`. Compile afterwards."""
+        self.backbone.enable_state_tuning(time_shift=time_shift)
+        self._compiled_functions = {}
+
     def call_with_state(self, token_ids, padding_mask=None, state=None):
         """Logits, hidden states and the new state (see
         `RWKV6Backbone.call_with_state`)."""

@@ -1,11 +1,12 @@
 import os
-import tempfile
 import zipfile
 from typing import NamedTuple
 
 import keras
 import numpy as np
 from keras import ops
+
+from keras_rwkv.utils.files import atomic_savez
 
 STATE_FORMAT = "keras_rwkv.RWKV6State"
 STATE_FORMAT_VERSION = 1
@@ -86,29 +87,14 @@ class RWKV6State(NamedTuple):
         and `format_version` 1. Written to a temporary file and renamed,
         so an interrupted save never leaves a broken file.
         """
-        path = os.fspath(path)
-        if not path.endswith(".npz"):
-            path += ".npz"
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=directory)
-        os.close(fd)
-        try:
-            np.savez(
-                tmp,
-                wkv=ops.convert_to_numpy(self.wkv).astype(np.float32),
-                shift=ops.convert_to_numpy(ops.cast(self.shift, "float32")),
-                dtype=np.array(
-                    keras.backend.standardize_dtype(self.shift.dtype)
-                ),
-                format=np.array(STATE_FORMAT),
-                format_version=np.array(STATE_FORMAT_VERSION),
-            )
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        return path
+        return atomic_savez(
+            path,
+            wkv=ops.convert_to_numpy(self.wkv).astype(np.float32),
+            shift=ops.convert_to_numpy(ops.cast(self.shift, "float32")),
+            dtype=np.array(keras.backend.standardize_dtype(self.shift.dtype)),
+            format=np.array(STATE_FORMAT),
+            format_version=np.array(STATE_FORMAT_VERSION),
+        )
 
     @classmethod
     def load(cls, path, dtype=None):
