@@ -12,7 +12,7 @@ import numpy as np
 from keras_rwkv.convert.torch_checkpoint import CheckpointError
 
 # Keys a BlinkDL RWKV6 checkpoint may carry beyond the model proper
-# (`time_state` is a tuned initial state, RWKV-PEFT format).
+# (`time_state` is a tuned initial state, RWKV-PEFT format, merged in).
 OPTIONAL_LAYER_KEYS = ("att.time_state",)
 
 
@@ -237,6 +237,26 @@ def assign_weights(backbone, weights, progress=None):
             put(dense.kernel, _transpose(weights[f"{p}ffn.{name}.weight"]))
         if progress is not None:
             progress(i + 1)
+
+
+def time_state_arrays(weights, num_layers, source="checkpoint"):
+    """The RWKV-PEFT tuned WKV states `blocks.{i}.att.time_state`
+    (stored `[H, N, N]` in (value, key) order) as one `[L, H, N, N]` array
+    in our (key, value) order, or `None` if the file has none."""
+    keys = [f"blocks.{i}.att.time_state" for i in range(num_layers)]
+    present = [k for k in keys if k in weights]
+    if not present:
+        return None
+    if len(present) != len(keys):
+        missing = sorted(set(keys) - set(present))
+        raise CheckpointError(
+            f"{source} has time_state for {len(present)} of {len(keys)} "
+            f"layers (missing {missing[0]}); it is not an RWKV-PEFT state "
+            "for this model."
+        )
+    return np.stack(
+        [np.swapaxes(np.asarray(weights[k], np.float32), -1, -2) for k in keys]
+    )
 
 
 def checkpoint_dtype(weights):

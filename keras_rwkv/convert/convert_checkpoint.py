@@ -59,6 +59,10 @@ def convert_checkpoint(source, dtype=None, progress=True):
     blinkdl.assign_weights(
         backbone, weights, progress=bar.update if bar else None
     )
+    # A model file with an RWKV-PEFT state merged in keeps that state.
+    tuned = blinkdl.time_state_arrays(weights, config["num_layers"], source)
+    if tuned is not None:
+        backbone.set_tuned_state_arrays(tuned)
     return backbone
 
 

@@ -147,6 +147,117 @@ class RWKV6Backbone(Backbone):
         self.wkv_kernel = wkv_kernel
         self.wkv_chunk_size = wkv_chunk_size
 
+    @staticmethod
+    def get_layout_map(
+        device_mesh,
+        model_parallel_dim_name="model",
+        data_parallel_dim_name="batch",
+    ):
+        """A `keras.distribution.LayoutMap` for model-parallel training and
+        generation.
+
+        The big matrices are split over the model axis the Megatron way:
+        TimeMix receptance/key/value/gate and ChannelMix key/receptance by
+        their output channels (for TimeMix that is whole heads, so the WKV
+        recurrence and the per-head group norm run locally), TimeMix output
+        and ChannelMix value by their input channels (one reduction per
+        mix), the embedding and the head by the vocabulary. As in KerasHub
+        (Gemma, Llama), the other axis of each of these matrices is split
+        over the data axis (FSDP-like: weights, gradients and optimizer
+        states are divided by the whole mesh, at the price of gathering
+        each weight over the data axis when it is used). LoRA factors
+        (after `enable_lora`) follow the kernel they adapt. Everything
+        else (layer norms, token-shift mixes, the small decay and mix
+        LoRA matrices, `time_faaaa`, the tuned initial states) is small
+        and replicated.
+
+        The split dimensions must be divisible by the axis sizes:
+        `hidden_dim`, `intermediate_dim` and `vocabulary_size` by both,
+        and the number of heads (`hidden_dim / head_size`) by the model
+        axis, so that no head is split.
+
+        Create the model (and call `enable_lora` / `enable_state_tuning`)
+        while the distribution is set, so that new variables get their
+        layout.
+
+        Args:
+            device_mesh: a `keras.distribution.DeviceMesh`.
+            model_parallel_dim_name: str. The mesh axis the weights are
+                split over (tensor parallelism).
+            data_parallel_dim_name: str or `None`. The mesh axis the batch
+                is split over; the big weights are also split over it
+                (FSDP-like). `None` keeps the weights whole along the data
+                axis (replicated on every data-parallel replica): plain
+                tensor parallelism, which saves the per-step weight
+                gathers, e.g. for decoding.
+
+        Returns:
+            A `keras.distribution.LayoutMap` for the backbone's weights.
+
+        Examples:
+        ```python
+        devices = keras.distribution.list_devices()
+        mesh = keras.distribution.DeviceMesh(
+            shape=(2, 4), axis_names=("batch", "model"), devices=devices
+        )
+        layout_map = RWKV6Backbone.get_layout_map(mesh)
+        distribution = keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        )
+        keras.distribution.set_distribution(distribution)
+        lm = keras_hub.models.CausalLM.from_preset("rwkv6_world_7b")
+        for v in lm.backbone.get_layer("block_0").weights:
+            print(v.path, v.shape, v.value.sharding.spec)
+        ```
+        """
+        # Weight paths and shapes (1.6B: C=2048, F=7168, V=65536):
+        # token_embedding/embeddings              (V, C)
+        # token_embedding/reverse_embeddings      (C, V)  the untied head
+        # block_i/time_mix/{receptance,key,value,gate}/kernel  (C, C)
+        # block_i/time_mix/output/kernel          (C, C)
+        # block_i/channel_mix/key/kernel          (C, F)
+        # block_i/channel_mix/receptance/kernel   (C, C)
+        # block_i/channel_mix/value/kernel        (F, C)
+        # .../lora_kernel_a (in, rank), .../lora_kernel_b (rank, out)
+        # block_i/initial_wkv (H, N, N), block_i/initial_shift (2, C)
+        # and vectors / small LoRA matrices of the token shift and decay.
+        if not isinstance(device_mesh, keras.distribution.DeviceMesh):
+            raise ValueError(
+                "Invalid device_mesh type. Expected "
+                f"`keras.distribution.DeviceMesh`, got {type(device_mesh)}"
+            )
+        for name in (model_parallel_dim_name, data_parallel_dim_name):
+            if name is not None and name not in device_mesh.axis_names:
+                raise ValueError(
+                    f"{name} is not found in the device_mesh.axis_names: "
+                    f"{device_mesh.axis_names}"
+                )
+        model_dim = model_parallel_dim_name
+        data_dim = data_parallel_dim_name
+        # Column-parallel (output channels over the model axis) and
+        # row-parallel (input channels over the model axis) kernels. The
+        # data axis on the other dimension is the FSDP part.
+        column = (data_dim, model_dim)
+        row = (model_dim, data_dim)
+        layout_map = keras.distribution.LayoutMap(device_mesh)
+        # Embedding rows and head columns by vocabulary (vocab-parallel).
+        layout_map["token_embedding/embeddings"] = row
+        layout_map["token_embedding/reverse_embeddings"] = column
+        prefix = r"(.*/)?block_\d+/"
+        kernels = {
+            r"time_mix/(receptance|key|value|gate)/": column,
+            r"time_mix/output/": row,
+            r"channel_mix/(key|receptance)/": column,
+            r"channel_mix/value/": row,
+        }
+        for layer, (in_axis, out_axis) in kernels.items():
+            layout_map[prefix + layer + "kernel"] = (in_axis, out_axis)
+            # LoRA: kernel + a @ b keeps the kernel's layout when `a` is
+            # split like its input dim and `b` like its output dim.
+            layout_map[prefix + layer + "lora_kernel_a"] = (in_axis, None)
+            layout_map[prefix + layer + "lora_kernel_b"] = (None, out_axis)
+        return layout_map
+
     def default_lora_layer_names(self):
         """LoRA targets: the TimeMix receptance/key/value/gate/output and the
         ChannelMix key/value/receptance projections (layer names)."""
@@ -206,7 +317,8 @@ class RWKV6Backbone(Backbone):
         return out
 
     def set_tuned_state_arrays(self, wkv, shift=None):
-        """Assigns tuned states (enabling state tuning if needed)."""
+        """Assigns tuned states, creating the state variables if needed
+        (without freezing anything)."""
         n, c, layers = self.head_size, self.hidden_dim, self.num_layers
         wkv = np.asarray(wkv, np.float32)
         if wkv.shape != (layers, c // n, n, n):
@@ -221,10 +333,11 @@ class RWKV6Backbone(Backbone):
                     f"Tuned shift state has shape {shift.shape}; this model "
                     f"needs {(layers, 2, c)}."
                 )
-        if self.tuned_state is None or (
-            shift is not None and self.tuned_state != "wkv+shift"
-        ):
-            self.enable_state_tuning(time_shift=shift is not None)
+        # Adds the state variables if missing; freezes nothing (that is
+        # enable_state_tuning's job).
+        time_shift = shift is not None or self.tuned_state == "wkv+shift"
+        for block in self.transformer_layers:
+            block.enable_state_tuning(time_shift)
         for i, block in enumerate(self.transformer_layers):
             block.initial_wkv.assign(wkv[i])
             if block.initial_shift is not None:
@@ -290,22 +403,16 @@ class RWKV6Backbone(Backbone):
         into the tuned WKV state, without executing code from it."""
         from keras_rwkv.convert import CheckpointError
         from keras_rwkv.convert import load_torch_checkpoint
+        from keras_rwkv.convert.blinkdl import time_state_arrays
 
-        weights = load_torch_checkpoint(path)
-        keys = [f"blocks.{i}.att.time_state" for i in range(self.num_layers)]
-        missing = [k for k in keys if k not in weights]
-        if missing:
-            raise CheckpointError(
-                f"{path} has no {missing[0]} ({len(missing)} of "
-                f"{len(keys)} layers missing); it is not an RWKV-PEFT "
-                "state file for this model."
-            )
-        wkv = np.stack(
-            [
-                np.swapaxes(np.asarray(weights[k], np.float32), -1, -2)
-                for k in keys
-            ]
+        wkv = time_state_arrays(
+            load_torch_checkpoint(path), self.num_layers, str(path)
         )
+        if wkv is None:
+            raise CheckpointError(
+                f"{path} holds no blocks.*.att.time_state; it is not an "
+                "RWKV-PEFT state file."
+            )
         shift = None
         if self.tuned_state == "wkv+shift":
             shift = self.tuned_state_arrays()["shift"]
