@@ -36,11 +36,17 @@ class PresetDownloadError(OSError):
 
 def load_manifest():
     """The preset manifest shipped in `presets/` (name -> entry)."""
-    text = (
-        resources.files("keras_rwkv.presets")
-        .joinpath(MANIFEST_FILE)
-        .read_text(encoding="utf-8")
-    )
+    try:  # installed: presets/ ships as the keras_rwkv.presets package
+        text = (
+            resources.files("keras_rwkv.presets")
+            .joinpath(MANIFEST_FILE)
+            .read_text(encoding="utf-8")
+        )
+    except ModuleNotFoundError:  # a source checkout put on sys.path
+        here = os.path.dirname(os.path.abspath(__file__))
+        path = os.path.join(here, "..", "..", "presets", MANIFEST_FILE)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     return json.loads(text)["presets"]
 
 
