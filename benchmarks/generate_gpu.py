@@ -19,16 +19,10 @@ import json
 import os
 import time
 
+from shapes import RWKV6_1B6
+
 # RWKV6 World 1B6 shapes (DESIGN.md).
-DIMS = dict(
-    vocabulary_size=65536,
-    num_layers=24,
-    hidden_dim=2048,
-    intermediate_dim=7168,
-    head_size=64,
-    mix_lora_dim=32,
-    decay_lora_dim=64,
-)
+DIMS = dict(RWKV6_1B6)
 PROMPT, NEW, PREFILL = 16, 256, 1024
 BATCHES = (1, 8, 64)
 

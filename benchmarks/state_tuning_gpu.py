@@ -13,18 +13,12 @@ import argparse
 import os
 import time
 
+from shapes import RWKV6_1B6
+
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-DIMS = dict(
-    vocabulary_size=65536,
-    num_layers=24,
-    hidden_dim=2048,
-    intermediate_dim=7168,
-    head_size=64,
-    mix_lora_dim=32,
-    decay_lora_dim=64,
-)
+DIMS = dict(RWKV6_1B6)
 
 
 def main():

@@ -95,6 +95,22 @@ def _stream_printer(tokenizer, stop_ids, out):
     return callback, finish
 
 
+def _stream_generate(lm, prompt, args, stop_ids, state, out):
+    """Generates after `prompt`, printing text as it comes; returns the
+    state after everything printed (stop token included)."""
+    callback, finish = _stream_printer(lm.preprocessor.tokenizer, stop_ids, out)
+    _, state = lm.generate(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        stop_token_ids=stop_ids,
+        state=state,
+        return_state=True,
+        stream=callback,
+    )
+    finish()
+    return state
+
+
 def _generate(args):
     from keras_rwkv import RWKV6State
 
@@ -104,16 +120,7 @@ def _generate(args):
     stop_ids = (tokenizer.end_token_id,)
     out = sys.stdout
     out.write(args.prompt)
-    callback, finish = _stream_printer(tokenizer, stop_ids, out)
-    _, state = lm.generate(
-        args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        stop_token_ids=stop_ids,
-        state=state,
-        return_state=True,
-        stream=callback,
-    )
-    finish()
+    state = _stream_generate(lm, args.prompt, args, stop_ids, state, out)
     out.write("\n")
     if args.state_out:
         path = state.save(args.state_out)
@@ -177,18 +184,9 @@ def _chat(args, stdin=None, out=None):
             else:
                 out.write(CHAT_COMMANDS + "\n")
             continue
-        prompt = f"User: {line}\n\nAssistant:"
         out.write("Assistant:")
-        callback, finish = _stream_printer(tokenizer, stop_ids, out)
-        _, state = lm.generate(
-            prompt,
-            max_new_tokens=args.max_new_tokens,
-            stop_token_ids=stop_ids,
-            state=state,
-            return_state=True,
-            stream=callback,
-        )
-        finish()
+        prompt = f"User: {line}\n\nAssistant:"
+        state = _stream_generate(lm, prompt, args, stop_ids, state, out)
         out.write("\n\n")
 
 

@@ -19,8 +19,11 @@ def value_and_grad(fn, args):
 
         ts = [torch.tensor(a, requires_grad=True) for a in args]
         value = fn(*ts)
-        grads = torch.autograd.grad(value, ts)
-        return value.detach().numpy(), [g.numpy() for g in grads]
+        grads = torch.autograd.grad(value, ts, allow_unused=True)
+        grads = [
+            torch.zeros_like(t) if g is None else g for g, t in zip(grads, ts)
+        ]
+        return value.detach().numpy(), [g.detach().numpy() for g in grads]
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -28,5 +31,8 @@ def value_and_grad(fn, args):
         with tf.GradientTape() as tape:
             value = fn(*ts)
         grads = tape.gradient(value, ts)
+        grads = [
+            tf.zeros_like(t) if g is None else g for g, t in zip(grads, ts)
+        ]
         return value.numpy(), [g.numpy() for g in grads]
     raise NotImplementedError(backend)

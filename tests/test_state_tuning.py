@@ -91,7 +91,9 @@ def test_gradient_of_the_initial_state_matches_finite_differences(
     backbone = convert_checkpoint(pth, dtype="float32", progress=False)
     ids = np.random.default_rng(0).integers(1, 300, (2, 9))
     rng = np.random.default_rng(1)
-    weights = rng.normal(0, 1, (2, 9, 300)).astype("float32")
+    weights = ops.convert_to_tensor(
+        rng.normal(0, 1, (2, 9, 300)).astype("float32")
+    )
     zero = RWKV6State.zeros(backbone, 1)
     wkv0 = rng.normal(0, 0.5, zero.wkv.shape).astype("float32")
     shift0 = rng.normal(0, 0.5, zero.shift.shape).astype("float32")

@@ -159,7 +159,9 @@ class PenaltySampler(Sampler):
                     ops.cumsum(ops.flip(ops.cast(read_mask, "int32"), 1), 1),
                     1,
                 )
-                counted = counted & (from_end <= self.penalty_window)
+                counted = ops.logical_and(
+                    counted, from_end <= self.penalty_window
+                )
             counts = _token_counts(tokens, ops.cast(counted, "float32"), vocab)
             if self.max_penalty_range is not None:
                 lo, hi = self.max_penalty_range
@@ -218,9 +220,10 @@ class PenaltySampler(Sampler):
             repeats = ops.shape(tokens)[0] // ops.shape(prompt_mask)[0]
             read = ops.repeat(prompt_mask, repeats, axis=0)
             columns = ops.arange(ops.shape(tokens)[1], dtype="int32")[None]
-            generated = (columns >= start) & (columns < index)
+            generated = ops.logical_and(columns >= start, columns < index)
             # Negative ids mark padding inside the prompt region.
-            read = (read & (columns < index) & (tokens >= 0)) | generated
+            read = ops.logical_and(read, columns < index)
+            read = ops.logical_or(ops.logical_and(read, tokens >= 0), generated)
             logits = self.apply_penalties(
                 logits, ops.maximum(tokens, 0), read, generated
             )
