@@ -367,3 +367,41 @@ def test_config_must_match_weights(export, tmp_path):
     root = write_dir(tmp_path / "d", config, path / "model.weights.h5")
     with pytest.raises(CheckpointError, match="hidden_size=256 .weights: 128."):
         load_bert4keras3_dir(root)
+
+
+def test_named_seed_preset_from_a_fake_modelscope(
+    export, tmp_path, monkeypatch
+):
+    # rwkv6_world_1.6b_bert4keras3 fetches exactly the three files of the
+    # export, one by one, through the ModelScope SDK (faked here).
+    from modelscope.hub import file_download
+
+    from keras_rwkv.utils.preset_cache import MANIFEST
+
+    out, ref = export
+    source = MANIFEST["rwkv6_world_1.6b_bert4keras3"]["source"]
+    calls = []
+
+    def fake_download(
+        model_id,
+        file_path,
+        revision=None,
+        *,
+        cache_dir=None,
+        local_dir=None,
+        **kwargs,
+    ):
+        calls.append((model_id, file_path))
+        os.makedirs(local_dir, exist_ok=True)
+        shutil.copy(out / file_path, os.path.join(local_dir, file_path))
+        return os.path.join(local_dir, file_path)
+
+    monkeypatch.setenv("KERAS_RWKV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(file_download, "model_file_download", fake_download)
+    backbone = RWKV6Backbone.from_preset("rwkv6_world_1.6b_bert4keras3")
+    assert sorted(calls) == sorted(
+        (source["modelscope_id"], f) for f in source["files"]
+    )
+    ids = np.load(ref / "ids.npy")
+    expected = np.load(ref / "ids_logits.npy")
+    assert relative_error(logits_of(backbone, ids), expected) <= 1e-4
