@@ -129,17 +129,24 @@ def test_long_sequence_stays_finite():
 
 
 def test_kernel_selection():
+    from keras_rwkv.ops.wkv6 import cuda
+
+    cuda_ok, _ = cuda.availability()
     assert resolve_kernel("python") == "python"
-    assert resolve_kernel("auto") == "python"
+    assert resolve_kernel("auto") == ("cuda" if cuda_ok else "python")
     with pytest.raises(ValueError, match="Unknown WKV kernel"):
         resolve_kernel("triton")
-    with pytest.raises(NotImplementedError, match="kernel='python'"):
-        wkv6(*random_inputs(1, 4, 1, 8, seed=0)[:5], kernel="cuda")
+    if not cuda_ok:
+        # Forcing the CUDA kernel where it cannot run says why.
+        with pytest.raises(cuda.CudaKernelUnavailable, match="kernel='python'"):
+            wkv6(*random_inputs(1, 4, 1, 8, seed=0)[:5], kernel="cuda")
 
 
 def test_kernel_env_var(monkeypatch):
     monkeypatch.setenv("KERAS_RWKV_WKV_KERNEL", "python")
     assert resolve_kernel("auto") == "python"
+    monkeypatch.setenv("KERAS_RWKV_WKV_KERNEL", "auto")
+    assert resolve_kernel("auto") in ("python", "cuda")
     monkeypatch.setenv("KERAS_RWKV_WKV_KERNEL", "bogus")
     with pytest.raises(ValueError, match="KERAS_RWKV_WKV_KERNEL"):
         resolve_kernel("auto")

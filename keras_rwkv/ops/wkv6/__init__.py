@@ -10,25 +10,57 @@
 - Returns `y` in the dtype of `r` and `final_state` float32 `[B, H, N, N]`.
 
 Differentiable in every input, `initial_state` included.
+
+`kernel="auto"` runs the CUDA kernel (`cuda/`, built with nvcc on first
+use) on the jax and torch backends when a GPU and nvcc (or a cached build)
+are there, and the Python path otherwise; it says once which it chose.
+`KERAS_RWKV_WKV_KERNEL=python|cuda` forces either. Decoding (T = 1) stays
+on the Python step under "auto": XLA fuses it into the surrounding layer.
 """
 
 import os
+import sys
 
+import keras
 from keras import ops
 
+from keras_rwkv.ops.wkv6 import cuda
+from keras_rwkv.ops.wkv6.cuda import CudaKernelUnavailable
 from keras_rwkv.ops.wkv6.python import DEFAULT_CHUNK_SIZE
 from keras_rwkv.ops.wkv6.python import wkv6_chunked
 from keras_rwkv.ops.wkv6.python import wkv6_step
 
 KERNELS = ("auto", "python", "cuda")
 KERNEL_ENV_VAR = "KERAS_RWKV_WKV_KERNEL"
+# Head sizes the CUDA kernel is instantiated for (wkv6_kernels.cuh).
+CUDA_HEAD_SIZES = (8, 16, 32, 64, 128)
+
+_announced = set()
+
+
+def _announce(choice, detail):
+    # Once per (choice, reason): a model calls the op in every layer.
+    if (choice, detail) not in _announced:
+        _announced.add((choice, detail))
+        print(f"keras_rwkv: WKV6 kernel {choice!r}: {detail}", file=sys.stderr)
 
 
 def resolve_kernel(kernel="auto"):
     """Returns the implementation `kernel` stands for: "python" or "cuda".
 
     `"auto"` honours the `KERAS_RWKV_WKV_KERNEL` environment variable and
-    otherwise picks the best implementation available.
+    otherwise picks CUDA when it can be built and run on this backend.
+
+    Args:
+        kernel: `"auto"`, `"python"` or `"cuda"`.
+
+    Returns:
+        `"python"` or `"cuda"`.
+
+    Raises:
+        ValueError: an unknown kernel name.
+        CudaKernelUnavailable: `"cuda"` was asked for and cannot run
+            (no GPU, no nvcc, TensorFlow backend, ...), with the reason.
     """
     if kernel not in KERNELS:
         raise ValueError(
@@ -42,15 +74,21 @@ def resolve_kernel(kernel="auto"):
                     f"{KERNEL_ENV_VAR}={forced!r} is not a WKV kernel. "
                     f"Use one of {', '.join(KERNELS)}."
                 )
-            return resolve_kernel(forced) if forced != "auto" else "python"
-        return "python"
+            if forced != "auto":
+                return resolve_kernel(forced)
+        ok, detail = cuda.availability(keras.config.backend())
+        choice = "cuda" if ok else "python"
+        _announce(choice, detail if ok else f"CUDA not used: {detail}")
+        return choice
     if kernel == "cuda":
-        raise NotImplementedError(
-            "The CUDA WKV kernel is not available in this version of "
-            "keras_rwkv. Use kernel='python' (or 'auto'), which runs on "
-            "every backend and device."
-        )
+        cuda.require(keras.config.backend())
     return kernel
+
+
+def _on_gpu(x):
+    # torch tensors may live on the CPU even when a GPU is there.
+    device = getattr(x, "device", None)
+    return getattr(device, "type", "cuda") == "cuda"
 
 
 def wkv6(
@@ -75,12 +113,30 @@ def wkv6(
     Returns:
         `(y, final_state)`.
     """
-    resolve_kernel(kernel)
+    choice = resolve_kernel(kernel)
     if len(r.shape) != 4:
         raise ValueError(
             f"wkv6 expects r, k, v, log_w of shape [B, T, H, N]; got r "
             f"with shape {tuple(r.shape)}."
         )
+    if choice == "cuda" and (kernel == "cuda" or r.shape[1] != 1):
+        r, k, v, log_w, u = (
+            ops.convert_to_tensor(x) for x in (r, k, v, log_w, u)
+        )
+        if initial_state is not None:
+            initial_state = ops.convert_to_tensor(initial_state)
+        problem = None
+        if r.shape[3] not in CUDA_HEAD_SIZES:
+            problem = (
+                f"head size {r.shape[3]} (the CUDA kernel supports "
+                f"{CUDA_HEAD_SIZES})"
+            )
+        elif keras.config.backend() == "torch" and not _on_gpu(r):
+            problem = f"inputs on {r.device}, not a CUDA device"
+        if problem is None:
+            return cuda.wkv6_cuda(r, k, v, log_w, u, initial_state)
+        if kernel == "cuda":
+            raise CudaKernelUnavailable(f"kernel='cuda' cannot run: {problem}.")
     out_dtype = r.dtype
     r, k, v, log_w, u = (ops.cast(x, "float32") for x in (r, k, v, log_w, u))
     batch = ops.shape(r)[0]

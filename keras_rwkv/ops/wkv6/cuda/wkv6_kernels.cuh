@@ -1,0 +1,375 @@
+// WKV6 recurrence kernels (forward and backward), shared by the JAX FFI
+// and the torch (C ABI) bindings.
+//
+// Per (batch, head), with the state S [N_key, N_value] in fp32:
+//   y_t = r_t (diag(u) k_t^T v_t + S_{t-1})
+//   S_t = diag(w_t) S_{t-1} + k_t^T v_t,      w_t = exp(log_w_t)
+//
+// One block of 4N threads runs one (batch, head) through time. Thread
+// `own = tid / 4` owns one row or column of the N x N state and the other
+// index is split over the 4 threads of a lane quad (`part = tid % 4`,
+// indices part + 4m, m < N/4), so each thread keeps N/4 state entries in
+// registers and the per-step reduction is two quad shuffles. Time is
+// staged through shared memory kChunk steps at a time, so a chunk costs
+// two __syncthreads instead of two per step.
+//
+// Backward (G_t = dL/dS_t, G_{T-1} = dL/dS_final):
+//   G_{t-1} = diag(w_t) G_t + r_t^T dy_t
+//   dr_t = dy_t S_{t-1}^T + u.k_t (dy_t.v_t)    ("row" pass, forward in t)
+//   dk_t = v_t G_t^T     + u.r_t (dy_t.v_t)    ("row" pass, reverse)
+//   dv_t = k_t G_t + dy_t sum(r.u.k)_t         ("col" pass, reverse)
+//   du   = sum_t r.k (dy.v);  dS_0 = G_{-1}
+//   dlog_w_t = sum_{m>t} r_m.dr'_m - sum_{m>=t} k_m.dk'_m + sum_j gS.S_T
+// where dr', dk' leave out the u (bonus) term. The last identity is the
+// derivative through the cumulative log decay (the state is a function of
+// exp(A_{t-1}) r and exp(-A_s) k); it needs no stored states, only the two
+// running sums P (forward) and Q (reverse), combined as
+// dlog_w = Q + P_{T-1} - P by the caller. The three passes are
+// independent and run as one launch (blockIdx.y picks the pass), which
+// also triples the number of blocks in flight.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+namespace keras_rwkv_wkv6 {
+
+constexpr int kChunk = 16;  // time steps staged in shared memory at once
+
+enum DType : int { kF32 = 0, kBF16 = 1 };
+
+struct Params {
+  int B, T, H;
+  const void* r;
+  const void* k;
+  const void* v;
+  const float* log_w;
+  const float* u;
+  const float* s0;     // [B or 1, H, N, N] or null (zeros)
+  int64_t s0_bstride;  // elements between batches of s0; 0 broadcasts
+  // Forward outputs.
+  void* y;
+  float* s_out;
+  // Backward inputs and outputs.
+  const void* dy;
+  const float* gs;   // dL/dS_final [B, H, N, N]
+  const float* s_T;  // S_final from the forward pass
+  void* dr;
+  void* dk;
+  void* dv;
+  float* p;        // running sum of r.dr' (forward), [B, T, H, N]
+  float* q;        // sum_j gS.S_T - running sum of k.dk' (reverse)
+  float* du_part;  // [B, H, N]
+  float* ds0;      // [B, H, N, N]
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+
+__device__ __forceinline__ size_t offset(const Params& p, int b, int t,
+                                         int h, int n, int N) {
+  return ((static_cast<size_t>(b) * p.T + t) * p.H + h) * N + n;
+}
+
+// Stages steps [t0, t0 + kChunk) of one (batch, head): key-indexed
+// kp[tt][i] = (r_i, k_i, w_i, r_i u_i k_i), value-indexed
+// vp[tt][j] = (dy_j, v_j). Steps past T are never read.
+template <typename T, int N>
+__device__ __forceinline__ void stage(const Params& p, int b, int h, int t0,
+                                      float4* kp, float2* vp) {
+  const T* r = static_cast<const T*>(p.r);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* dy = static_cast<const T*>(p.dy);
+  for (int idx = threadIdx.x; idx < kChunk * N; idx += blockDim.x) {
+    const int tt = idx / N, n = idx % N, t = t0 + tt;
+    if (t < p.T) {
+      const size_t o = offset(p, b, t, h, n, N);
+      const float rv = to_float(r[o]), kv = to_float(k[o]);
+      kp[idx] = make_float4(rv, kv, expf(p.log_w[o]), rv * p.u[h * N + n] * kv);
+      vp[idx] = make_float2(dy ? to_float(dy[o]) : 0.f, to_float(v[o]));
+    }
+  }
+}
+
+// "Column" pass: thread owns the C value columns j = own + c * (N / C)
+// and the keys part + 4m. Owning several columns reuses every key value
+// read from shared memory C times: shared-memory bandwidth, not
+// arithmetic, bounds this loop.
+// Forward (REV = false): X = S, out = y.  Reverse: X = G, out = dv.
+template <typename T, int N, int C, bool REV>
+__device__ __forceinline__ void col_pass(const Params& p, float4* kp,
+                                         float2* vp) {
+  constexpr int M = N / 4, NO = N / C;
+  const int own = threadIdx.x >> 2, part = threadIdx.x & 3;
+  const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  const size_t bh = (static_cast<size_t>(b) * p.H + h) * N * N;
+  float X[C][M];
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const int i = part + 4 * m, j = own + c * NO;
+      if (REV) {
+        X[c][m] = p.gs[bh + i * N + j];
+      } else {
+        X[c][m] = p.s0 ? p.s0[b * p.s0_bstride +
+                              (static_cast<size_t>(h) * N + i) * N + j]
+                       : 0.f;
+      }
+    }
+  }
+  T* out = static_cast<T*>(REV ? p.dv : p.y);
+  const int chunks = (p.T + kChunk - 1) / kChunk;
+  for (int ch = 0; ch < chunks; ++ch) {
+    const int t0 = (REV ? chunks - 1 - ch : ch) * kChunk;
+    const int len = min(kChunk, p.T - t0);
+    __syncthreads();  // the previous chunk is consumed
+    stage<T, N>(p, b, h, t0, kp, vp);
+    __syncthreads();
+    for (int s = 0; s < len; ++s) {
+      const int tt = REV ? len - 1 - s : s;
+      float sc[C], acc[C];
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const float2 f = vp[tt * N + own + c * NO];
+        sc[c] = REV ? f.x : f.y;  // dy_j (dv) or v_j (y)
+        acc[c] = 0.f;
+      }
+      float bonus = 0.f;
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const float4 e = kp[tt * N + part + 4 * m];
+        const float a = REV ? e.y : e.x;    // k_i (dv) or r_i (y)
+        const float upd = REV ? e.x : e.y;  // r_i (G update) or k_i
+        bonus += e.w;
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          acc[c] = fmaf(a, X[c][m], acc[c]);
+          X[c][m] = fmaf(e.z, X[c][m], upd * sc[c]);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        // out_j = sum_i a_i X_ij + sc * sum_i r_i u_i k_i; sc is the
+        // same for the four threads, so one reduction covers both sums.
+        const float o = quad_sum(fmaf(sc[c], bonus, acc[c]));
+        if (part == 0) {
+          out[offset(p, b, t0 + tt, h, own + c * NO, N)] = from_float<T>(o);
+        }
+      }
+    }
+  }
+  float* fin = REV ? p.ds0 : p.s_out;
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      fin[bh + (part + 4 * m) * N + own + c * NO] = X[c][m];
+    }
+  }
+}
+
+// "Row" pass: thread owns the C key rows i = own + c * (N / C) and the
+// values part + 4m.
+// Forward (REV = false): X = S, out = dr, running sum P, and du.
+// Reverse: X = G, out = dk, running sum Q.
+template <typename T, int N, int C, bool REV>
+__device__ __forceinline__ void row_pass(const Params& p, float4* kp,
+                                         float2* vp) {
+  constexpr int M = N / 4, NO = N / C;
+  const int own = threadIdx.x >> 2, part = threadIdx.x & 3;
+  const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  const size_t bh = (static_cast<size_t>(b) * p.H + h) * N * N;
+  float X[C][M], run[C], du[C], u_i[C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const int i = own + c * NO;
+    u_i[c] = p.u[h * N + i];
+    run[c] = 0.f;  // P (forward) or Q (reverse)
+    du[c] = 0.f;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const int j = part + 4 * m;
+      if (REV) {
+        X[c][m] = p.gs[bh + i * N + j];
+        run[c] = fmaf(X[c][m], p.s_T[bh + i * N + j], run[c]);
+      } else {
+        X[c][m] = p.s0 ? p.s0[b * p.s0_bstride +
+                              (static_cast<size_t>(h) * N + i) * N + j]
+                       : 0.f;
+      }
+    }
+    if (REV) run[c] = quad_sum(run[c]);  // sum_j gS_ij S_T,ij
+  }
+  T* out = static_cast<T*>(REV ? p.dk : p.dr);
+  float* run_out = REV ? p.q : p.p;
+  const int chunks = (p.T + kChunk - 1) / kChunk;
+  for (int ch = 0; ch < chunks; ++ch) {
+    const int t0 = (REV ? chunks - 1 - ch : ch) * kChunk;
+    const int len = min(kChunk, p.T - t0);
+    __syncthreads();
+    stage<T, N>(p, b, h, t0, kp, vp);
+    __syncthreads();
+    for (int s = 0; s < len; ++s) {
+      const int tt = REV ? len - 1 - s : s;
+      float4 e[C];
+      float acc[C];
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        e[c] = kp[tt * N + own + c * NO];  // r_i, k_i, w_i
+        acc[c] = 0.f;
+      }
+      float dot = 0.f;
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const float2 f = vp[tt * N + part + 4 * m];  // dy_j, v_j
+        const float c_j = REV ? f.y : f.x;           // v_j or dy_j
+        const float e_j = REV ? f.x : f.y;           // dy_j or v_j
+        dot = fmaf(f.x, f.y, dot);
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          const float upd = REV ? e[c].x : e[c].y;  // r_i or k_i
+          acc[c] = fmaf(c_j, X[c][m], acc[c]);
+          X[c][m] = fmaf(e[c].z, X[c][m], upd * e_j);
+        }
+      }
+      dot = quad_sum(dot);
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const float upd = REV ? e[c].x : e[c].y;   // r_i or k_i
+        const float side = REV ? e[c].y : e[c].x;  // k_i (Q) or r_i (P)
+        acc[c] = quad_sum(acc[c]);
+        if (REV) {
+          run[c] = fmaf(-side, acc[c], run[c]);
+        } else {
+          run[c] = fmaf(side, acc[c], run[c]);
+          du[c] = fmaf(e[c].x * e[c].y, dot, du[c]);
+        }
+        if (part == 0) {
+          const size_t o = offset(p, b, t0 + tt, h, own + c * NO, N);
+          out[o] = from_float<T>(fmaf(u_i[c] * upd, dot, acc[c]));
+          run_out[o] = run[c];
+        }
+      }
+    }
+  }
+  if (!REV && part == 0) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      p.du_part[(static_cast<size_t>(b) * p.H + h) * N + own + c * NO] =
+          du[c];
+    }
+  }
+}
+
+template <typename T, int N, int C>
+__global__ void __launch_bounds__(4 * N / C) forward_kernel(Params p) {
+  __shared__ float4 kp[kChunk * N];
+  __shared__ float2 vp[kChunk * N];
+  col_pass<T, N, C, false>(p, kp, vp);
+}
+
+template <typename T, int N, int C>
+__global__ void __launch_bounds__(4 * N / C) backward_kernel(Params p) {
+  __shared__ float4 kp[kChunk * N];
+  __shared__ float2 vp[kChunk * N];
+  if (blockIdx.y == 0) {
+    row_pass<T, N, C, false>(p, kp, vp);  // dr, P, du
+  } else if (blockIdx.y == 1) {
+    row_pass<T, N, C, true>(p, kp, vp);  // dk, Q
+  } else {
+    col_pass<T, N, C, true>(p, kp, vp);  // dv, dS0
+  }
+}
+
+template <typename T, int N, int C>
+inline cudaError_t launch(const Params& p, bool backward,
+                          cudaStream_t stream) {
+  const dim3 grid(p.B * p.H, backward ? 3 : 1);
+  if (backward) {
+    backward_kernel<T, N, C><<<grid, 4 * N / C, 0, stream>>>(p);
+  } else {
+    forward_kernel<T, N, C><<<grid, 4 * N / C, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+// Columns (rows) per thread. KERAS_RWKV_WKV6_COLS (1, 2 or 4) overrides
+// the default for head sizes >= 32, for benchmarking.
+constexpr int kDefaultCols = 2;
+
+inline int cols_per_thread() {
+  const char* env = getenv("KERAS_RWKV_WKV6_COLS");
+  if (env && (env[0] == '1' || env[0] == '2' || env[0] == '4')) {
+    return env[0] - '0';
+  }
+  return kDefaultCols;
+}
+
+template <typename T, int N>
+inline cudaError_t launch_cols(const Params& p, bool backward,
+                               cudaStream_t stream) {
+  // At least a warp per block: the quad shuffles use the full mask.
+  if constexpr (N >= 32) {
+    switch (cols_per_thread()) {
+      case 2:
+        return launch<T, N, 2>(p, backward, stream);
+      case 4:
+        return launch<T, N, 4>(p, backward, stream);
+      default:
+        break;
+    }
+  }
+  return launch<T, N, 1>(p, backward, stream);
+}
+
+// Returns 0, a cudaError_t (> 0), or -1 (head size) / -2 (dtype).
+inline int run(int dtype, int N, const Params& p, bool backward,
+               cudaStream_t stream) {
+  if (p.B == 0 || p.T == 0 || p.H == 0) return 0;
+#define KERAS_RWKV_WKV6_CASE(NN)                                       \
+  case NN:                                                             \
+    if (dtype == kF32) return launch_cols<float, NN>(p, backward, stream); \
+    if (dtype == kBF16)                                                \
+      return launch_cols<__nv_bfloat16, NN>(p, backward, stream);      \
+    return -2;
+  switch (N) {
+    KERAS_RWKV_WKV6_CASE(8)
+    KERAS_RWKV_WKV6_CASE(16)
+    KERAS_RWKV_WKV6_CASE(32)
+    KERAS_RWKV_WKV6_CASE(64)
+    KERAS_RWKV_WKV6_CASE(128)
+    default:
+      return -1;
+  }
+#undef KERAS_RWKV_WKV6_CASE
+}
+
+inline const char* error_string(int code) {
+  if (code == -1) return "unsupported head size (use 8, 16, 32, 64 or 128)";
+  if (code == -2) return "unsupported dtype (use float32 or bfloat16)";
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+}  // namespace keras_rwkv_wkv6
