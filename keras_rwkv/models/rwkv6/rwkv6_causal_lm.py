@@ -183,6 +183,7 @@ class RWKV6CausalLM(CausalLM):
                     [v.value for v in self.trainable_variables],
                     [v.value for v in self.non_trainable_variables],
                 )
+                args = _shard_batch(args)
                 out, new_sampler_v = compiled(variables, *args)
                 for ref, value in zip(sampler_vars, new_sampler_v):
                     ref.assign(value)
@@ -490,6 +491,38 @@ class RWKV6CausalLM(CausalLM):
                 prompt_state,
             )
         return out
+
+
+def _shard_batch(args):
+    """Splits the batch (leading) dim of the array arguments over the
+    data-parallel devices of the current `keras.distribution`, as
+    KerasHub's `generate` does, so each device decodes its own rows. Arrays
+    whose batch does not divide evenly (and scalars) stay replicated, and
+    so does everything when the mesh spans several processes (the outputs
+    must be readable on every host)."""
+    import jax
+
+    distribution = keras.distribution.distribution()
+    if distribution is None or jax.process_count() > 1:
+        return args
+
+    def shard(x):
+        shape = getattr(x, "shape", ())
+        if len(shape) == 0:
+            return x
+        layout = distribution.get_data_layout(shape)
+        axis = None if layout is None else layout.axes[0]
+        if axis is None:
+            return x
+        mesh = layout.device_mesh
+        if shape[0] % mesh.shape[mesh.axis_names.index(axis)]:
+            return x
+        return keras.distribution.distribute_tensor(x, layout)
+
+    return tuple(
+        keras.tree.map_structure(shard, a) if a is not None else None
+        for a in args
+    )
 
 
 def _compact(outputs):
