@@ -37,27 +37,11 @@ import subprocess
 import sys
 import time
 
+from shapes import RWKV6_1B6
+from shapes import RWKV6_7B
+
 # Official RWKV6 World shapes (DESIGN.md).
-SIZES = {
-    "1.6b": dict(
-        vocabulary_size=65536,
-        num_layers=24,
-        hidden_dim=2048,
-        intermediate_dim=7168,
-        head_size=64,
-        mix_lora_dim=32,
-        decay_lora_dim=64,
-    ),
-    "7b": dict(
-        vocabulary_size=65536,
-        num_layers=32,
-        hidden_dim=4096,
-        intermediate_dim=14336,
-        head_size=64,
-        mix_lora_dim=64,
-        decay_lora_dim=128,
-    ),
-}
+SIZES = {"1.6b": RWKV6_1B6, "7b": RWKV6_7B}
 # --tiny: CPU-sized stand-ins (8 heads in "7b", so 8-way model parallel
 # still splits whole heads).
 TINY_SIZES = {

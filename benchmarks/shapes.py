@@ -9,3 +9,12 @@ RWKV6_1B6 = dict(
     mix_lora_dim=32,
     decay_lora_dim=64,
 )
+
+RWKV6_7B = dict(
+    RWKV6_1B6,
+    num_layers=32,
+    hidden_dim=4096,
+    intermediate_dim=14336,
+    mix_lora_dim=64,
+    decay_lora_dim=128,
+)
