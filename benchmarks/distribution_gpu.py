@@ -39,6 +39,7 @@ import time
 
 from shapes import RWKV6_1B6
 from shapes import RWKV6_7B
+from timing import median_seconds
 
 # Official RWKV6 World shapes (DESIGN.md).
 SIZES = {"1.6b": RWKV6_1B6, "7b": RWKV6_7B}
@@ -81,18 +82,6 @@ def peak_memory_gib(devices):
         if "peak_bytes_in_use" in stats:
             peaks.append(stats["peak_bytes_in_use"] / 2**30)
     return max(peaks) if peaks else None
-
-
-def median_seconds(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def run_one(config):

@@ -17,25 +17,14 @@ end to end), batch 8 and 64 aggregate tokens/s, and prefill tokens/s of a
 import argparse
 import json
 import os
-import time
 
 from shapes import RWKV6_1B6
+from timing import median_seconds
 
 # RWKV6 World 1B6 shapes (DESIGN.md).
 DIMS = dict(RWKV6_1B6)
 PROMPT, NEW, PREFILL = 16, 256, 1024
 BATCHES = (1, 8, 64)
-
-
-def median_time(fn, repeats):
-    fn()  # warm-up (compilation)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def bench_ours(repeats):
@@ -62,7 +51,7 @@ def bench_ours(repeats):
             out = lm.generate(inputs, max_new_tokens=NEW, stop_token_ids=None)
             assert out["padding_mask"].sum() == batch * (PROMPT + NEW)
 
-        t = median_time(run, repeats)
+        t = median_seconds(run, repeats)
         result[f"decode_b{batch}"] = batch * NEW / t
 
     ids = rng.integers(1, 65529, (1, PREFILL)).astype("int32")
@@ -71,7 +60,7 @@ def bench_ours(repeats):
     def prefill():
         jax.block_until_ready(lm.prefill(inputs).wkv)
 
-    result["prefill_1024"] = PREFILL / median_time(prefill, repeats)
+    result["prefill_1024"] = PREFILL / median_seconds(prefill, repeats)
     return result
 
 
@@ -138,7 +127,7 @@ def bench_blinkdl(repeats, workdir):
                 out, state = model.forward([token], state)
             torch.cuda.synchronize()
 
-        result[f"decode_b{batch}"] = batch * NEW / median_time(run, repeats)
+        result[f"decode_b{batch}"] = batch * NEW / median_seconds(run, repeats)
 
     tokens = torch.randint(1, 65529, (PREFILL,), generator=gen).tolist()
 
@@ -146,7 +135,7 @@ def bench_blinkdl(repeats, workdir):
         model.forward(tokens, None)
         torch.cuda.synchronize()
 
-    result["prefill_1024"] = PREFILL / median_time(prefill, repeats)
+    result["prefill_1024"] = PREFILL / median_seconds(prefill, repeats)
     return result
 
 
