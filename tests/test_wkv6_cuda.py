@@ -260,3 +260,38 @@ def test_jax_vmap_loops_over_the_kernel():
     ys, _ = jax.vmap(lambda *a: wkv6(*a[:5], initial_state=a[5]))(*stacked)
     y1, _ = wkv6(*inputs[:5], initial_state=inputs[5], kernel="cuda")
     assert relative_error(np.asarray(ys[0]), np.asarray(y1)) <= 1e-6
+
+
+@needs_gpu
+def test_jax_sharded_over_gpus_runs_per_device():
+    """With 2+ GPUs: inputs sharded over batch stay sharded (no gather),
+    and y, the state and the gradients equal one device's."""
+    if keras.config.backend() != "jax":
+        pytest.skip("jax only")
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    devices = jax.devices()
+    if len(devices) < 2:
+        pytest.skip("needs 2 or more GPUs")
+    b = 2 * len(devices)
+    inputs, gy, gs = _random(b, 70, 2, 64, seed=5, with_state=True)
+
+    def loss(*a):
+        y, s = wkv6(*a[:5], initial_state=a[5], kernel="cuda")
+        return jnp.sum(y * gy) + jnp.sum(s * gs), (y, s)
+
+    grad = jax.value_and_grad(loss, range(6), has_aux=True)
+    (_, (y1, s1)), g1 = jax.jit(grad)(*inputs)
+    mesh = Mesh(np.array(devices), ("batch",))
+    seq = NamedSharding(mesh, P("batch"))
+    shardings = (seq,) * 4 + (NamedSharding(mesh, P()), seq)
+    sharded = jax.jit(grad, in_shardings=shardings)
+    (_, (y2, s2)), g2 = sharded(*inputs)
+    assert "all-gather" not in sharded.lower(*inputs).compile().as_text()
+    assert y2.sharding.spec[0] == "batch"
+    for got, want in zip((y2, s2, *g2), (y1, s1, *g1)):
+        assert relative_error(np.asarray(got), np.asarray(want)) <= 1e-6

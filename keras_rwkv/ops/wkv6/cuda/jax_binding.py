@@ -1,8 +1,9 @@
 """JAX binding of the CUDA WKV6 kernel through the XLA FFI.
 
-`wkv6` is a `jax.custom_vjp` over two FFI calls; it works under `jit`,
-and under `vmap` by looping (`vmap_method="sequential"`: a vmapped batch
-of independent sequences is better folded into B by the caller).
+`wkv6` is a `jax.custom_vjp` over two FFI calls. It works under `jit`,
+with inputs sharded over batch and heads (each device runs the kernel on
+its shard) and under `vmap` (folded into the batch); see
+`jax_partition.py`.
 """
 
 import ctypes
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from keras_rwkv.ops.wkv6.cuda import build
+from keras_rwkv.ops.wkv6.cuda import jax_partition
 
 FORWARD_TARGET = "keras_rwkv_wkv6_forward"
 BACKWARD_TARGET = "keras_rwkv_wkv6_backward"
@@ -51,6 +53,7 @@ def describe():
 
 
 def _forward_call(r, k, v, log_w, u, s0):
+    # Shapes are per shard here (see jax_partition).
     b, _, h, n = r.shape
     return jax.ffi.ffi_call(
         FORWARD_TARGET,
@@ -58,27 +61,14 @@ def _forward_call(r, k, v, log_w, u, s0):
             jax.ShapeDtypeStruct(r.shape, r.dtype),
             jax.ShapeDtypeStruct((b, h, n, n), jnp.float32),
         ),
-        vmap_method="sequential",
     )(r, k, v, log_w, u, s0)
 
 
-@jax.custom_vjp
-def _wkv(r, k, v, log_w, u, s0):
-    return _forward_call(r, k, v, log_w, u, s0)
-
-
-def _wkv_fwd(r, k, v, log_w, u, s0):
-    y, s = _forward_call(r, k, v, log_w, u, s0)
-    return (y, s), (r, k, v, log_w, u, s0, s)
-
-
-def _wkv_bwd(res, cotangents):
-    r, k, v, log_w, u, s0, s_final = res
-    gy, gs = cotangents
-    b, t, h, n = r.shape
+def _backward_call(r, k, v, log_w, u, s0, gy, gs, s_final):
+    b, _, h, n = r.shape
     seq = jax.ShapeDtypeStruct(r.shape, r.dtype)
     f32 = jax.ShapeDtypeStruct(r.shape, jnp.float32)
-    dr, dk, dv, p, q, du, ds0 = jax.ffi.ffi_call(
+    return jax.ffi.ffi_call(
         BACKWARD_TARGET,
         (
             seq,
@@ -89,27 +79,93 @@ def _wkv_bwd(res, cotangents):
             jax.ShapeDtypeStruct((b, h, n), jnp.float32),
             jax.ShapeDtypeStruct((b, h, n, n), jnp.float32),
         ),
-        vmap_method="sequential",
-    )(
-        r,
-        k,
-        v,
-        log_w,
-        u,
-        s0,
-        gy.astype(r.dtype),
-        gs.astype(jnp.float32),
-        s_final,
-    )
-    # dlog_w_t = sum_{m>t} r.dr' - sum_{m>=t} k.dk' + sum_j gS.S_T; the
-    # kernel returns the running sums (see wkv6_kernels.cuh).
-    dlog_w = q + p[:, -1:] - p
-    if s0.shape[0] != b:
-        ds0 = jnp.sum(ds0, axis=0, keepdims=True)
-    return dr, dk, dv, dlog_w, jnp.sum(du, axis=0), ds0
+    )(r, k, v, log_w, u, s0, gy, gs, s_final)
 
 
-_wkv.defvjp(_wkv_fwd, _wkv_bwd)
+# Operand layouts: batch "b", time "t", heads "h", key "n", value "m".
+_SEQ, _U, _STATE = "b t h n", "h n", "b h n m"
+FORWARD_LAYOUTS = ([_SEQ] * 4 + [_U, _STATE], [_SEQ, _STATE])
+# dr, dk, dv, P, Q (running sums for dlog_w) and du per batch row.
+BACKWARD_LAYOUTS = (
+    [_SEQ] * 4 + [_U, _STATE, _SEQ, _STATE, _STATE],
+    [_SEQ] * 5 + ["b h n", _STATE],
+)
+
+
+def make_wkv6(forward_call, backward_call):
+    """The differentiable, shardable WKV6 op over two per-shard calls.
+
+    `wkv6` below uses the FFI kernels; tests pass stand-ins with the same
+    contract to check the sharding and vmap rules without a GPU.
+
+    Args:
+        forward_call: `(r, k, v, log_w, u, s0) -> (y, s)`, `s0` `[B, H, N,
+            N]`.
+        backward_call: `(r, k, v, log_w, u, s0, gy, gs, s) -> (dr, dk, dv,
+            P, Q, du, ds0)` with `dlog_w = Q + P[:, -1:] - P` and `du` per
+            batch row.
+
+    Returns:
+        `wkv6(r, k, v, log_w, u, initial_state=None) -> (y, final_state)`.
+    """
+    forward_op = jax_partition.batch_head_op(forward_call, *FORWARD_LAYOUTS)
+    backward_op = jax_partition.batch_head_op(backward_call, *BACKWARD_LAYOUTS)
+
+    @jax.custom_vjp
+    def wkv(r, k, v, log_w, u, s0):
+        return forward_op(r, k, v, log_w, u, s0)
+
+    def wkv_fwd(r, k, v, log_w, u, s0):
+        y, s = forward_op(r, k, v, log_w, u, s0)
+        return (y, s), (r, k, v, log_w, u, s0, s)
+
+    def wkv_bwd(res, cotangents):
+        r, k, v, log_w, u, s0, s_final = res
+        gy, gs = cotangents
+        dr, dk, dv, p, q, du, ds0 = backward_op(
+            r,
+            k,
+            v,
+            log_w,
+            u,
+            s0,
+            gy.astype(r.dtype),
+            gs.astype(jnp.float32),
+            s_final,
+        )
+        # dlog_w_t = sum_{m>t} r.dr' - sum_{m>=t} k.dk' + sum_j gS.S_T; the
+        # kernel returns the running sums (see wkv6_kernels.cuh).
+        dlog_w = q + p[:, -1:] - p
+        return dr, dk, dv, dlog_w, jnp.sum(du, axis=0), ds0
+
+    wkv.defvjp(wkv_fwd, wkv_bwd)
+
+    def wkv6(r, k, v, log_w, u, initial_state=None):
+        out_dtype = r.dtype
+        r, k, v = (jnp.asarray(x) for x in (r, k, v))
+        dtype = (
+            jnp.bfloat16
+            if all(x.dtype == jnp.bfloat16 for x in (r, k, v))
+            else jnp.float32
+        )
+        r, k, v = (x.astype(dtype) for x in (r, k, v))
+        log_w = jnp.asarray(log_w, jnp.float32)
+        u = jnp.asarray(u, jnp.float32)
+        b, _, h, n = r.shape
+        if initial_state is None:
+            s0 = jnp.zeros((1, h, n, n), jnp.float32)
+        else:
+            s0 = jnp.asarray(initial_state, jnp.float32)
+        # One state per row, so the state shards with the batch; the
+        # broadcast's own gradient sums a shared state's rows.
+        s0 = jnp.broadcast_to(s0, (b, h, n, n))
+        y, s = wkv(r, k, v, log_w, u, s0)
+        return y.astype(out_dtype), s
+
+    return wkv6
+
+
+_wkv6 = make_wkv6(_forward_call, _backward_call)
 
 
 def wkv6(r, k, v, log_w, u, initial_state=None):
@@ -123,20 +179,4 @@ def wkv6(r, k, v, log_w, u, initial_state=None):
     Returns:
         `(y, final_state)`: `y` in `r`'s dtype, the state float32.
     """
-    out_dtype = r.dtype
-    r, k, v = (jnp.asarray(x) for x in (r, k, v))
-    dtype = (
-        jnp.bfloat16
-        if all(x.dtype == jnp.bfloat16 for x in (r, k, v))
-        else jnp.float32
-    )
-    r, k, v = (x.astype(dtype) for x in (r, k, v))
-    log_w = jnp.asarray(log_w, jnp.float32)
-    u = jnp.asarray(u, jnp.float32)
-    _, _, h, n = r.shape
-    if initial_state is None:
-        s0 = jnp.zeros((1, h, n, n), jnp.float32)
-    else:
-        s0 = jnp.asarray(initial_state, jnp.float32)
-    y, s = _wkv(r, k, v, log_w, u, s0)
-    return y.astype(out_dtype), s
+    return _wkv6(r, k, v, log_w, u, initial_state)
