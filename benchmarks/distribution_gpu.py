@@ -203,18 +203,21 @@ def child_env(n, tiny):
 
 
 def run_child(config, tiny, timeout):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--child",
-            json.dumps(config),
-        ],
-        env=child_env(config["n"], tiny),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--child",
+                json.dumps(config),
+            ],
+            env=child_env(config["n"], tiny),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s", "log": ""}
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT) :])
@@ -247,7 +250,7 @@ def fmt(value, spec):
 
 def print_scaling(title, rows, baseline="one"):
     """`baseline="one"`: efficiency = tps(n) / (n tps(1)); "first": per-
-    device throughput relative to the first row that ran."""
+    device throughput relative to the smallest n that ran."""
     print(f"\n### {title}\n")
     print(
         "| devices | mesh (batch, model) | global batch | time (s) | "
@@ -255,12 +258,13 @@ def print_scaling(title, rows, baseline="one"):
         "peak GiB / device |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    rows = sorted(rows, key=lambda r: r["n"])
     ok = [r for r in rows if "error" not in r["result"]]
     base = None
     if baseline == "one":
         base = next((r for r in ok if r["n"] == 1), None)
     elif ok:
-        base = ok[0]
+        base = min(ok, key=lambda r: r["n"])
     for row in rows:
         res, n = row["result"], row["n"]
         mesh = row.get("mesh") or ((n, 1) if n > 1 else (1, 1))
@@ -379,17 +383,7 @@ def main():
     if "model_parallel" in parts:
         heads = sizes[args.mp_size]["hidden_dim"] // 64
         mp_counts = [n for n in counts if heads % n == 0]
-        report["mp_train"] = [
-            run(
-                "train",
-                n,
-                sizes[args.mp_size],
-                mesh=[1, n],
-                seq_len=args.seq_len,
-                batch_per_replica=args.mp_batch,
-            )
-            for n in mp_counts
-        ]
+        # Generation first: it compiles faster, training may not fit.
         report["mp_generate"] = [
             run(
                 "generate",
@@ -400,6 +394,18 @@ def main():
                 batch_per_replica=args.mp_gen_batch,
             )
             for n in mp_counts
+        ]
+        report["mp_train"] = [
+            run(
+                "train",
+                n,
+                sizes[args.mp_size],
+                mesh=[1, n],
+                seq_len=args.seq_len,
+                batch_per_replica=args.mp_batch,
+            )
+            # Largest first: one GPU is the configuration that may not fit.
+            for n in sorted(mp_counts, reverse=True)
         ]
 
     first = next(

@@ -201,7 +201,7 @@ class _Results(dict):
         sys.stdout.flush()
 
 
-def bench():
+def bench(impls):
     b, t, h, n = 8, 4096, 32, 64
     inputs, _, _ = random_case(b, t, h, n, 0, True, -6.0, 1.0)
     rng = np.random.default_rng(1)
@@ -249,95 +249,100 @@ def bench():
 
         return step
 
-    leaves = [tr, tk, tv, tw, tu, ts0]
-    outs = {}
-    for cols in ("1", "2", "4"):
-        os.environ[COLS_ENV] = cols
-        with torch.no_grad():
-            f_ours = timeit(lambda: torch_binding.wkv6(*leaves), sync)
-        fb_ours = timeit(
-            grads_of(lambda: torch_binding.wkv6(*leaves), leaves), sync
-        )
-        results[f"ours (torch op, {cols} col/thread)"] = (f_ours, fb_ours)
-        # The variants must agree on the full-size problem too.
-        y, s = torch_binding.wkv6(*leaves)
-        torch.autograd.backward((y, s), (tgy, torch.ones_like(s)))
-        outs[cols] = [y.detach(), s.detach()] + [x.grad for x in leaves]
-        for x in leaves:
-            x.grad = None
-    for cols in ("2", "4"):
-        errs = [
-            rel(a.double().cpu().numpy(), b.double().cpu().numpy())
-            for a, b in zip(outs[cols], outs["1"])
-        ]
-        print(f"{cols} col/thread vs 1:", " ".join(f"{e:.1e}" for e in errs))
-    del outs
-    os.environ.pop(COLS_ENV)
+    if "torch" in impls:
+        leaves = [tr, tk, tv, tw, tu, ts0]
+        outs = {}
+        for cols in ("1", "2", "4"):
+            os.environ[COLS_ENV] = cols
+            with torch.no_grad():
+                f_ours = timeit(lambda: torch_binding.wkv6(*leaves), sync)
+            fb_ours = timeit(
+                grads_of(lambda: torch_binding.wkv6(*leaves), leaves), sync
+            )
+            results[f"ours (torch op, {cols} col/thread)"] = (f_ours, fb_ours)
+            # The variants must agree on the full-size problem too.
+            y, s = torch_binding.wkv6(*leaves)
+            torch.autograd.backward((y, s), (tgy, torch.ones_like(s)))
+            outs[cols] = [y.detach(), s.detach()] + [x.grad for x in leaves]
+            for x in leaves:
+                x.grad = None
+        for cols in ("2", "4"):
+            errs = [
+                rel(a.double().cpu().numpy(), b.double().cpu().numpy())
+                for a, b in zip(outs[cols], outs["1"])
+            ]
+            print(
+                f"{cols} col/thread vs 1:", " ".join(f"{e:.1e}" for e in errs)
+            )
+        del outs
+        os.environ.pop(COLS_ENV)
 
-    try:
-        from fla.ops.rwkv6 import chunk_rwkv6
-
-        tw_bf = tw.detach().to(torch.bfloat16)
-        tu_bf = tu.detach().to(torch.bfloat16)
-        fla_leaves = [tr, tk, tv, tw_bf, tu_bf, ts0]
-
-        def fla_call():
-            return chunk_rwkv6(
-                tr,
-                tk,
-                tv,
-                tw_bf,
-                tu_bf,
-                scale=1.0,
-                initial_state=ts0,
-                output_final_state=True,
+    if "rwkv-ops" in impls:
+        try:
+            op = rwkv_ops_wkv6(head_size=n, max_sequence_length=t)
+            c = h * n
+            r, k, v, w = (
+                jnp.asarray(x.reshape(b, t, c), jnp.bfloat16)
+                for x in inputs[:4]
+            )
+            u = jnp.asarray(inputs[4], jnp.bfloat16)
+            s0 = jnp.asarray(inputs[5], jnp.float32)
+            gy = jnp.asarray(gy_np.reshape(b, t, c), jnp.bfloat16)
+            f = jax.jit(
+                lambda *a: op(*a, initial_state=s0, output_final_state=True)
             )
 
-        with torch.no_grad():
-            f_fla = timeit(fla_call, sync)
-        fb_fla = timeit(grads_of(fla_call, fla_leaves), sync)
-        results["fla chunk_rwkv6"] = (f_fla, fb_fla)
-        # Same answer? (fla's own bf16 numerics; loose.)
-        with torch.no_grad():
-            y_f, s_f = fla_call()
-            y_o, s_o = torch_binding.wkv6(tr, tk, tv, tw, tu, ts0)
-        print(
-            "fla vs ours: y rel err",
-            rel(y_f.double().cpu().numpy(), y_o.double().cpu().numpy()),
-            "state rel err",
-            rel(s_f.double().cpu().numpy(), s_o.double().cpu().numpy()),
-        )
-    except Exception as e:  # noqa: BLE001 - report and go on
-        print("fla failed:", type(e).__name__, str(e)[:300])
-    torch.cuda.empty_cache()
+            def loss2(r, k, v, w, u):
+                y = op(r, k, v, w, u)
+                y = y[0] if isinstance(y, tuple) else y
+                return jnp.sum(y.astype(jnp.float32) * gy)
 
-    try:
-        op = rwkv_ops_wkv6(head_size=n, max_sequence_length=t)
-        c = h * n
-        r, k, v, w = (
-            jnp.asarray(x.reshape(b, t, c), jnp.bfloat16) for x in inputs[:4]
-        )
-        u = jnp.asarray(inputs[4], jnp.bfloat16)
-        s0 = jnp.asarray(inputs[5], jnp.float32)
-        gy = jnp.asarray(gy_np.reshape(b, t, c), jnp.bfloat16)
-        f = jax.jit(
-            lambda *a: op(*a, initial_state=s0, output_final_state=True)
-        )
+            g = jax.jit(jax.grad(loss2, argnums=(0, 1, 2, 3, 4)))
+            a = (r, k, v, w, u)
+            results["rwkv-ops JAX CUDA (no state grad)"] = (
+                timeit(lambda: jax.block_until_ready(f(*a)), lambda: None),
+                timeit(lambda: jax.block_until_ready(g(*a)), lambda: None),
+            )
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print("rwkv-ops failed:", type(e).__name__, str(e)[:300])
 
-        def loss2(r, k, v, w, u):
-            y = op(r, k, v, w, u)
-            y = y[0] if isinstance(y, tuple) else y
-            return jnp.sum(y.astype(jnp.float32) * gy)
+    if "fla" in impls:
+        try:
+            from fla.ops.rwkv6 import chunk_rwkv6
 
-        g = jax.jit(jax.grad(loss2, argnums=(0, 1, 2, 3, 4)))
-        a = (r, k, v, w, u)
-        results["rwkv-ops JAX CUDA (no state grad)"] = (
-            timeit(lambda: jax.block_until_ready(f(*a)), lambda: None),
-            timeit(lambda: jax.block_until_ready(g(*a)), lambda: None),
-        )
-    except Exception as e:  # noqa: BLE001 - report and go on
-        print("rwkv-ops failed:", type(e).__name__, str(e)[:300])
+            tw_bf = tw.detach().to(torch.bfloat16)
+            tu_bf = tu.detach().to(torch.bfloat16)
+            fla_leaves = [tr, tk, tv, tw_bf, tu_bf, ts0]
 
+            def fla_call():
+                return chunk_rwkv6(
+                    tr,
+                    tk,
+                    tv,
+                    tw_bf,
+                    tu_bf,
+                    scale=1.0,
+                    initial_state=ts0,
+                    output_final_state=True,
+                )
+
+            with torch.no_grad():
+                f_fla = timeit(fla_call, sync)
+            fb_fla = timeit(grads_of(fla_call, fla_leaves), sync)
+            results["fla chunk_rwkv6"] = (f_fla, fb_fla)
+            # Same answer? (fla's own bf16 numerics; loose.)
+            with torch.no_grad():
+                y_f, s_f = fla_call()
+                y_o, s_o = torch_binding.wkv6(tr, tk, tv, tw, tu, ts0)
+            print(
+                "fla vs ours: y rel err",
+                rel(y_f.double().cpu().numpy(), y_o.double().cpu().numpy()),
+                "state rel err",
+                rel(s_f.double().cpu().numpy(), s_o.double().cpu().numpy()),
+            )
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print("fla failed:", type(e).__name__, str(e)[:300])
+        torch.cuda.empty_cache()
     card = torch.cuda.get_device_name()
     print(f"## speed: B={b} T={t} H={h} N={n} bf16, {card}")
     print(f"{'impl':36} {'fwd ms':>8} {'fwd+bwd ms':>11}")
@@ -390,6 +395,11 @@ def main():
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--sanitize-case", action="store_true")
     parser.add_argument(
+        "--impls",
+        default="torch,rwkv-ops,fla",
+        help="besides ours (JAX): any of torch, rwkv-ops, fla",
+    )
+    parser.add_argument(
         "--build-rwkv-ops",
         action="store_true",
         help="only build rwkv-ops' kernel (B=8 T=4096 shape), then exit",
@@ -417,7 +427,7 @@ def main():
     if a.check:
         check()
     if a.bench:
-        bench()
+        bench(a.impls.split(","))
 
 
 if __name__ == "__main__":

@@ -145,8 +145,9 @@ results["shared_state_grad"] = rel(grads[5], ref_grads[5])
 results["shared_state_grad_shape"] = list(grads[5].shape)
 
 # 4. vmap with u shared: folded into the batch (one call of 2 * B rows).
+# (New T per case: JAX caches traces, so a seen shape is not traced again.)
 traced["forward"].clear()
-stacked = [np.stack([x, 0.5 * x]) for x in (r, k, v, log_w)]
+stacked = [np.stack([x, 0.5 * x])[:, :, :7] for x in (r, k, v, log_w)]
 ys, _ = jax.vmap(wkv6, in_axes=(0, 0, 0, 0, None, None))(*stacked, u, s0)
 results["vmap_fold_traced"] = [list(x) for x in traced["forward"]]
 results["vmap_fold"] = max(
@@ -156,6 +157,7 @@ results["vmap_fold"] = max(
 
 # 5. vmap with u mapped too: looped, one batch at a time.
 traced["forward"].clear()
+stacked = [x[:, :, :5] for x in stacked]
 us = np.stack([u, -u])
 ys, _ = jax.vmap(wkv6, in_axes=(0, 0, 0, 0, 0, None))(*stacked, us, s0)
 results["vmap_loop_traced"] = [list(x) for x in traced["forward"]]
@@ -225,13 +227,16 @@ def test_shared_initial_state_gradient_sums_rows(results):
 
 def test_vmap_folds_into_the_batch_when_u_is_shared(results):
     assert results["vmap_fold"] <= RTOL
-    # custom_vmap first traces the unmapped function, then runs the rule.
-    assert results["vmap_fold_traced"] == [[4, 9, 4, 8], [8, 9, 4, 8]]
+    # One call for both mapped inputs (custom_vmap may also trace the
+    # unmapped function once first).
+    assert results["vmap_fold_traced"][-1] == [8, 7, 4, 8]
+    assert [4, 7, 4, 8] not in results["vmap_fold_traced"][1:]
 
 
 def test_vmap_loops_when_u_is_mapped(results):
     assert results["vmap_loop"] <= RTOL
-    assert results["vmap_loop_traced"] == [[4, 9, 4, 8]] * 2
+    traced = results["vmap_loop_traced"]
+    assert traced and all(shape == [4, 5, 4, 8] for shape in traced)
 
 
 def test_grad_of_vmap(results):
