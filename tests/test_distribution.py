@@ -322,6 +322,33 @@ def run_variant(variant):
             assert err < FORWARD_RTOL, err
             return f"logits rel err {err:.1e}"
 
+        @check(f"{tag}_collectives")
+        def _():
+            # Megatron-style tensor parallelism: per layer one reduction
+            # after each mix and one gather of the ChannelMix gated product.
+            # A residual stream left split by channel instead costs a
+            # gather before every projection (6 a layer).
+            backbone = lm.backbone
+            fn = jax.jit(
+                lambda t, n, i: backbone.stateless_call(t, n, i)[0]
+            )
+            hlo = (
+                fn.lower(
+                    [v.value for v in backbone.trainable_variables],
+                    [v.value for v in backbone.non_trainable_variables],
+                    x,
+                )
+                .compile()
+                .as_text()
+            )
+            # Activations [batch, T, channels]; the FSDP part of the
+            # layout also gathers weights over the data axis (rank 2).
+            pattern = rf"= \w+\[\d+,{T},\d\d+\]\S* all-gather\("
+            gathers = re.findall(pattern, hlo)
+            layers = DIMS["num_layers"]
+            assert len(gathers) <= layers, gathers
+            return f"{len(gathers)} activation all-gathers for {layers} layers"
+
     if kinds:
 
         @check(f"{tag}_generate")
@@ -545,6 +572,7 @@ def test_data_parallel_matches_one_device(results, name):
     [
         "mp_full_layout",
         "mp_full_forward",
+        "mp_full_collectives",
         "mp_full_generate",
         "mp_full_fit",
         "mp_state_layout",

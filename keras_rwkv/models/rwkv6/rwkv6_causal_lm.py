@@ -168,7 +168,7 @@ class RWKV6CausalLM(CausalLM):
                     zip(self.non_trainable_variables, non_trainable_v),
                 )
                 with keras.StatelessScope(state_mapping=mapping) as scope:
-                    out = fn(*args)
+                    out = _replicate_over_processes(fn(*args))
                 new_sampler_v = [
                     scope.get_current_value(v)
                     if scope.get_current_value(v) is not None
@@ -491,6 +491,28 @@ class RWKV6CausalLM(CausalLM):
                 prompt_state,
             )
         return out
+
+
+def _replicate_over_processes(outputs):
+    """Inside the jitted generate: when the mesh spans several processes,
+    makes every output whole on every device, so each host can read it
+    (the rows may have been decoded on other hosts)."""
+    import jax
+
+    distribution = keras.distribution.distribution()
+    if distribution is None or jax.process_count() == 1:
+        return outputs
+    replicated = jax.sharding.NamedSharding(
+        distribution.device_mesh.backend_mesh, jax.sharding.PartitionSpec()
+    )
+    return keras.tree.map_structure(
+        lambda x: (
+            jax.lax.with_sharding_constraint(x, replicated)
+            if hasattr(x, "shape")
+            else x
+        ),
+        outputs,
+    )
 
 
 def _shard_batch(args):
