@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from keras_rwkv.ops.wkv6.cuda import jax_binding
 
 assert jax.device_count() == 8
+print("SHARDY", jax.config.jax_use_shardy_partitioner)
 traced = {"forward": [], "backward": []}
 
 
@@ -90,14 +91,11 @@ gs = rng.standard_normal((B, H, N, N)).astype("float32")
 args = (r, k, v, log_w, u, s0)
 
 
-def loss_and_grads(fn, shared_state=False):
+def loss_and_grads(fn):
     def loss(*a):
         y, s = fn(*a)
         return jnp.sum(y * gy) + jnp.sum(s * gs)
 
-    a = list(args)
-    if shared_state:
-        a[5] = a[5][:1]
     return jax.value_and_grad(loss, argnums=range(6))
 
 
@@ -183,9 +181,12 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-@pytest.fixture(scope="module")
-def results():
+# Shardy (JAX's default) uses the sharding rule; the older GSPMD
+# partitioner uses `infer_sharding_from_operands`: both are checked.
+@pytest.fixture(scope="module", params=["shardy", "gspmd"])
+def results(request):
     env = dict(os.environ)
+    env["JAX_USE_SHARDY_PARTITIONER"] = str(request.param == "shardy")
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -196,6 +197,8 @@ def results():
         text=True,
         timeout=600,
     )
+    if f"SHARDY {request.param != 'shardy'}" in proc.stdout:
+        pytest.skip(f"this JAX cannot run the {request.param} partitioner")
     for line in proc.stdout.splitlines():
         if line.startswith("RESULTS "):
             return json.loads(line[len("RESULTS ") :])

@@ -74,7 +74,6 @@ def _partitioned(fn, in_layouts, out_layouts):
     wrapped.def_partition(
         partition=partition,
         infer_sharding_from_operands=infer_sharding_from_operands,
-        propagate_user_sharding=None,
         sharding_rule=rule,
         need_replication_factors=tuple(
             f for f in factors if f not in SPLIT_FACTORS
