@@ -37,6 +37,8 @@ import subprocess
 import sys
 import time
 
+from gpu_profile import format_summary
+from gpu_profile import profile
 from shapes import RWKV6_1B6
 from shapes import RWKV6_7B
 from timing import median_seconds
@@ -156,6 +158,8 @@ def run_one(config):
             lambda: lm.train_on_batch(x, y), config["repeats"], warmup=2
         )
         out.update(batch=batch, tokens=batch * seq_len, seconds=step)
+        if config.get("profile"):
+            out["profile"] = profile(lambda: lm.train_on_batch(x, y))
     else:
         batch = config["batch_per_replica"] * replicas
         new = config["new_tokens"]
@@ -172,6 +176,8 @@ def run_one(config):
 
         seconds = median_seconds(generate, config["repeats"])
         out.update(batch=batch, tokens=batch * new, seconds=seconds)
+        if config.get("profile"):
+            out["profile"] = profile(generate)
     out["tokens_per_s"] = out["tokens"] / out["seconds"]
     out["peak_gib"] = peak_memory_gib(devices)
     return out
@@ -244,6 +250,25 @@ def device_count(tiny, timeout):
     raise RuntimeError(f"could not count devices:\n{proc.stderr[-2000:]}")
 
 
+def prebuild_kernel(timeout):
+    """Builds (or finds cached) the CUDA WKV kernel once, before any timed
+    child: a cold build takes a minute or two, which would otherwise count
+    against the first child's timeout."""
+    probe = (
+        "from keras_rwkv.ops.wkv6.cuda import availability; "
+        "print('KERNEL', *availability('jax'))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=child_env(1, tiny=False),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("KERNEL ")]
+    print("# " + (lines[-1] if lines else proc.stderr.strip()[-500:]))
+
+
 def fmt(value, spec):
     return "—" if value is None else format(value, spec)
 
@@ -295,7 +320,8 @@ def main():
     parser.add_argument(
         "--parts",
         default="train,generate,model_parallel",
-        help="comma-separated: train, generate, model_parallel",
+        help="comma-separated: train, generate, model_parallel (or only "
+        "one half of it: mp_generate, mp_train)",
     )
     parser.add_argument(
         "--devices", default=None, help="device counts, e.g. 1,2,4,8"
@@ -315,6 +341,12 @@ def main():
         action="store_false",
         help="keep every activation for the backward pass (training)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="trace one more step per configuration and print where its "
+        "GPU time went (kernels by kind)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timeout", type=int, default=3600)
     parser.add_argument("--out", default=None, help="folder for results.json")
@@ -333,6 +365,8 @@ def main():
         args.new_tokens = min(args.new_tokens, 8)
         args.repeats = min(args.repeats, 2)
     available = device_count(args.tiny, args.timeout)
+    if not args.tiny and args.wkv_kernel in ("cuda", "auto"):
+        prebuild_kernel(args.timeout)
     if args.devices:
         counts = [int(c) for c in args.devices.split(",")]
     else:
@@ -344,6 +378,7 @@ def main():
         wkv_kernel=args.wkv_kernel,
         repeats=args.repeats,
         remat=args.remat,
+        profile=args.profile,
     )
     report = {"args": vars(args), "available_devices": available}
 
@@ -356,6 +391,8 @@ def main():
         print(f"# {part} n={n} mesh={mesh}: {status} ({wall:.0f} s)")
         if "log" in result:
             print("#   " + result["log"].replace("\n", "\n#   "))
+        if result.get("profile"):
+            print("## profile: " + format_summary(result["profile"]))
         return {"n": n, "mesh": mesh, "result": result}
 
     if "train" in parts:
@@ -381,8 +418,10 @@ def main():
             for n in counts
         ]
     if "model_parallel" in parts:
-        heads = sizes[args.mp_size]["hidden_dim"] // 64
-        mp_counts = [n for n in counts if heads % n == 0]
+        parts += ["mp_generate", "mp_train"]
+    heads = sizes[args.mp_size]["hidden_dim"] // 64
+    mp_counts = [n for n in counts if heads % n == 0]
+    if "mp_generate" in parts:
         # Generation first: it compiles faster, training may not fit.
         report["mp_generate"] = [
             run(
@@ -395,6 +434,7 @@ def main():
             )
             for n in mp_counts
         ]
+    if "mp_train" in parts:
         report["mp_train"] = [
             run(
                 "train",
@@ -446,6 +486,7 @@ def main():
             report["mp_train"],
             baseline="first",
         )
+    if "mp_generate" in report:
         print_scaling(
             f"ModelParallel generation, {args.mp_size}, greedy, batch "
             f"{args.mp_gen_batch}, {args.new_tokens} new tokens",

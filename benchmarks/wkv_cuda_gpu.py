@@ -26,8 +26,27 @@ from keras_rwkv.ops.wkv6.cuda import jax_binding  # noqa: E402
 from keras_rwkv.ops.wkv6.cuda import torch_binding  # noqa: E402
 
 NAMES = ["y", "state", "dr", "dk", "dv", "dlog_w", "du", "ds0"]
-# Value columns (key rows) per thread, read by the kernel at each launch.
+# Launch-shape overrides, read by the kernel at each launch: value columns
+# (key rows) per thread and blocks per (batch, head).
 COLS_ENV = "KERAS_RWKV_WKV6_COLS"
+GROUPS_ENV = "KERAS_RWKV_WKV6_GROUPS"
+# (cols, groups); None leaves the kernel's own choice.
+SHAPES = [(None, None), (1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (1, 8), (2, 4)]
+
+
+def set_shape(cols, groups):
+    """Forces a launch shape (None: the kernel's default)."""
+    for env, value in ((COLS_ENV, cols), (GROUPS_ENV, groups)):
+        if value is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = str(value)
+
+
+def shape_name(cols, groups):
+    if cols is None and groups is None:
+        return "default"
+    return f"C{cols}xG{groups}"
 
 
 def arch():
@@ -127,28 +146,25 @@ def run_jax_default(*a, **k):
     return run_jax(*a, **k)
 
 
-VARIANTS = (
-    ("jax", run_jax_default, "2"),
-    ("torch", run_torch, "1"),
-    ("torch", run_torch, "2"),
-    ("torch", run_torch, "4"),
-)
+VARIANTS = [("jax", run_jax_default, None, None)] + [
+    ("torch", run_torch, cols, groups) for cols, groups in SHAPES
+]
 
 
 def check():
     print("## correctness: max|ours - ref| / max(max|ref|, 1), float64 ref")
     header = " ".join(f"{n:>8}" for n in NAMES)
-    print("binding/cols dtype B T state | " + header)
+    print("binding/shape       dtype B T state | " + header)
     worst = {}
     for t in (1, 15, 64, 1000, 4097):
         for b in (1, 3):
             for with_state in (False, True):
                 inputs, gy, gs = random_case(b, t, 2, 64, t + b, with_state)
                 ref = reference(inputs, gy, gs)
-                for name, fn, cols in VARIANTS:
-                    os.environ[COLS_ENV] = cols
+                for name, fn, cols, groups in VARIANTS:
+                    set_shape(cols, groups)
                     got = fn(inputs, gy, gs)
-                    name = f"{name}/{cols}"
+                    name = f"{name}/{shape_name(cols, groups)}"
                     errs = [
                         float("nan") if g is None else rel(g, e)
                         for g, e in zip(got, ref)
@@ -156,9 +172,10 @@ def check():
                     key = name
                     worst[key] = float(np.nanmax([worst.get(key, 0.0)] + errs))
                     print(
-                        f"{name:7} f32 {b} {t:5} {int(with_state)} | "
+                        f"{name:13} f32 {b} {t:5} {int(with_state)} | "
                         + " ".join(f"{e:8.1e}" for e in errs)
                     )
+    set_shape(None, None)
     # bf16 inputs: compare to the reference run on the same rounded inputs.
     inputs, gy, gs = random_case(2, 777, 4, 64, 5, True, -6.0, 1.0)
     rounded = [
@@ -201,8 +218,7 @@ class _Results(dict):
         sys.stdout.flush()
 
 
-def bench(impls):
-    b, t, h, n = 8, 4096, 32, 64
+def bench(impls, b, t, h, n):
     inputs, _, _ = random_case(b, t, h, n, 0, True, -6.0, 1.0)
     rng = np.random.default_rng(1)
     gy_np = rng.standard_normal((b, t, h, n)).astype(np.float32)
@@ -220,7 +236,7 @@ def bench(impls):
 
     fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
     args = (r, k, v, log_w, u, s0)
-    os.environ.pop(COLS_ENV, None)
+    set_shape(None, None)
     results["ours (JAX FFI)"] = (
         timeit(lambda: jax.block_until_ready(fwd(*args)), lambda: None),
         timeit(lambda: jax.block_until_ready(fb(*args)), lambda: None),
@@ -252,30 +268,30 @@ def bench(impls):
     if "torch" in impls:
         leaves = [tr, tk, tv, tw, tu, ts0]
         outs = {}
-        for cols in ("1", "2", "4"):
-            os.environ[COLS_ENV] = cols
+        for cols, groups in SHAPES:
+            set_shape(cols, groups)
             with torch.no_grad():
                 f_ours = timeit(lambda: torch_binding.wkv6(*leaves), sync)
             fb_ours = timeit(
                 grads_of(lambda: torch_binding.wkv6(*leaves), leaves), sync
             )
-            results[f"ours (torch op, {cols} col/thread)"] = (f_ours, fb_ours)
-            # The variants must agree on the full-size problem too.
+            name = shape_name(cols, groups)
+            results[f"ours (torch op, {name})"] = (f_ours, fb_ours)
+            # The launch shapes must agree on the full-size problem too.
             y, s = torch_binding.wkv6(*leaves)
             torch.autograd.backward((y, s), (tgy, torch.ones_like(s)))
-            outs[cols] = [y.detach(), s.detach()] + [x.grad for x in leaves]
+            outs[name] = [y.detach(), s.detach()] + [x.grad for x in leaves]
             for x in leaves:
                 x.grad = None
-        for cols in ("2", "4"):
+        ref = outs.pop("C1xG1")
+        for name, got in outs.items():
             errs = [
                 rel(a.double().cpu().numpy(), b.double().cpu().numpy())
-                for a, b in zip(outs[cols], outs["1"])
+                for a, b in zip(got, ref)
             ]
-            print(
-                f"{cols} col/thread vs 1:", " ".join(f"{e:.1e}" for e in errs)
-            )
-        del outs
-        os.environ.pop(COLS_ENV)
+            print(f"{name} vs C1xG1:", " ".join(f"{e:.1e}" for e in errs))
+        del outs, ref
+        set_shape(None, None)
 
     if "rwkv-ops" in impls:
         try:
@@ -400,6 +416,11 @@ def main():
         help="besides ours (JAX): any of torch, rwkv-ops, fla",
     )
     parser.add_argument(
+        "--shapes",
+        default="8,4096,32,64",
+        help="B,T,H,N problem shapes for --bench, separated by ';'",
+    )
+    parser.add_argument(
         "--build-rwkv-ops",
         action="store_true",
         help="only build rwkv-ops' kernel (B=8 T=4096 shape), then exit",
@@ -427,7 +448,8 @@ def main():
     if a.check:
         check()
     if a.bench:
-        bench(a.impls.split(","))
+        for shape in a.shapes.split(";"):
+            bench(a.impls.split(","), *(int(x) for x in shape.split(",")))
 
 
 if __name__ == "__main__":

@@ -222,6 +222,24 @@ def test_cuda_matches_reference(t, b, with_state):
 
 
 @needs_gpu
+@pytest.mark.parametrize(
+    "cols,groups", [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (1, 8), (2, 4)]
+)
+def test_every_launch_shape_matches_reference(monkeypatch, cols, groups):
+    """The kernel picks columns per thread and blocks per (batch, head)
+    from the problem size; every shape it can pick must agree."""
+    monkeypatch.setenv("KERAS_RWKV_WKV6_COLS", str(cols))
+    monkeypatch.setenv("KERAS_RWKV_WKV6_GROUPS", str(groups))
+    inputs, gy, gs = _random(
+        2, 37, 3, 64, seed=cols + 10 * groups, with_state=True
+    )
+    got = _cuda_values_and_grads(inputs, gy, gs)
+    ref = _reference(inputs, gy, gs)
+    for g, e in zip(got, ref):
+        assert relative_error(g, e.detach().numpy()) <= GRAD_TOL
+
+
+@needs_gpu
 def test_cuda_bfloat16_and_batch_one_state():
     inputs, gy, gs = _random(3, 100, 2, 64, seed=3, with_state=True)
     inputs[5] = inputs[5][:1]  # one state broadcast over the batch

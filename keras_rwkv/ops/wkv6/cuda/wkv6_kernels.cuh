@@ -5,13 +5,18 @@
 //   y_t = r_t (diag(u) k_t^T v_t + S_{t-1})
 //   S_t = diag(w_t) S_{t-1} + k_t^T v_t,      w_t = exp(log_w_t)
 //
-// One block of 4N threads runs one (batch, head) through time. Thread
-// `own = tid / 4` owns one row or column of the N x N state and the other
-// index is split over the 4 threads of a lane quad (`part = tid % 4`,
-// indices part + 4m, m < N/4), so each thread keeps N/4 state entries in
-// registers and the per-step reduction is two quad shuffles. Time is
-// staged through shared memory kChunk steps at a time, so a chunk costs
-// two __syncthreads instead of two per step.
+// Rows of the state (and of G below) evolve independently, and so do its
+// columns: a pass that owns rows (or columns) can split them over blocks.
+// G blocks run one (batch, head) through time, each owning N / G rows or
+// columns; G > 1 puts more SMs to work when batch x heads is small (one
+// sequence of a 1.6B model is 32 (batch, head) pairs for 132 SMs). In a
+// block, thread `own = tid / P` owns C of the block's rows or columns and
+// the other index is split over P consecutive lanes (`part = tid % P`,
+// indices part + P m, m < N/P), so each thread keeps C N/P state entries
+// in registers and the per-step reduction is log2(P) shuffles. Time is
+// staged through shared memory kChunk steps at a time (only the entries
+// the block reads), so a chunk costs two __syncthreads instead of two per
+// step.
 //
 // Backward (G_t = dL/dS_t, G_{T-1} = dL/dS_final):
 //   G_{t-1} = diag(w_t) G_t + r_t^T dy_t
@@ -80,9 +85,11 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16(x);
 }
 
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  x += __shfl_xor_sync(0xffffffffu, x, 2);
+// Sum over a group of P consecutive lanes (P a power of two, <= 32).
+template <int P>
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int o = 1; o < P; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
 
@@ -91,45 +98,94 @@ __device__ __forceinline__ size_t offset(const Params& p, int b, int t,
   return ((static_cast<size_t>(b) * p.T + t) * p.H + h) * N + n;
 }
 
+// Block geometry: G blocks per (batch, head), C owned indices per thread,
+// the other index split over P lanes; P is picked for 128 threads a
+// block where it can be (4 <= P <= 32): enough to stage a chunk quickly,
+// and a larger G then shortens each thread's serial work (N / P entries
+// per owned index) instead of emptying the block.
+template <int N, int C, int G>
+struct Geometry {
+  static constexpr int kOwned = N / G;         // per block
+  static constexpr int kStride = kOwned / C;   // between a thread's own
+  static constexpr int kParts = 128 / kStride < 4    ? 4
+                                : 128 / kStride > 32 ? 32
+                                : 128 / kStride > N  ? N
+                                                     : 128 / kStride;
+  static constexpr int kThreads = kParts * kStride;  // per block
+  static_assert(kStride >= 1 && kOwned % C == 0, "bad geometry");
+  static_assert(N % kParts == 0, "bad geometry");
+  static_assert(kThreads >= 32 && kThreads % 32 == 0,
+                "lane-group shuffles need full warps");
+  __device__ static int b(const Params& p) { return blockIdx.x / G / p.H; }
+  __device__ static int h(const Params& p) { return blockIdx.x / G % p.H; }
+  // The c-th index owned by this thread.
+  __device__ static int owned(int c) {
+    return blockIdx.x % G * kOwned + threadIdx.x / kParts + c * kStride;
+  }
+};
+
 // Stages steps [t0, t0 + kChunk) of one (batch, head): key-indexed
-// kp[tt][i] = (r_i, k_i, w_i, r_i u_i k_i), value-indexed
-// vp[tt][j] = (dy_j, v_j). Steps past T are never read.
-template <typename T, int N>
+// kp[tt][i] = (r_i, k_i, w_i, r_i u_i k_i) and value-indexed
+// vp[tt][j] = (dy_j, v_j), for all N keys (values) or only the block's
+// own (OWN_KEYS: a row pass; else a column pass). Steps past T are never
+// read. The trip counts are compile-time, so the loads of a chunk are
+// issued together.
+template <typename T, int N, int C, int G, bool OWN_KEYS>
 __device__ __forceinline__ void stage(const Params& p, int b, int h, int t0,
                                       float4* kp, float2* vp) {
+  using Geo = Geometry<N, C, G>;
+  constexpr int NK = OWN_KEYS ? Geo::kOwned : N;
+  constexpr int NV = OWN_KEYS ? N : Geo::kOwned;
+  const int base = blockIdx.x % G * Geo::kOwned;
+  const int k0 = OWN_KEYS ? base : 0, v0 = OWN_KEYS ? 0 : base;
   const T* r = static_cast<const T*>(p.r);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const T* dy = static_cast<const T*>(p.dy);
-  for (int idx = threadIdx.x; idx < kChunk * N; idx += blockDim.x) {
-    const int tt = idx / N, n = idx % N, t = t0 + tt;
-    if (t < p.T) {
+#pragma unroll
+  for (int it = 0; it < (kChunk * NK + Geo::kThreads - 1) / Geo::kThreads;
+       ++it) {
+    const int idx = it * Geo::kThreads + threadIdx.x;
+    const int tt = idx / NK, n = k0 + idx % NK, t = t0 + tt;
+    if (idx < kChunk * NK && t < p.T) {
       const size_t o = offset(p, b, t, h, n, N);
       const float rv = to_float(r[o]), kv = to_float(k[o]);
-      kp[idx] = make_float4(rv, kv, expf(p.log_w[o]), rv * p.u[h * N + n] * kv);
-      vp[idx] = make_float2(dy ? to_float(dy[o]) : 0.f, to_float(v[o]));
+      kp[tt * N + n] =
+          make_float4(rv, kv, expf(p.log_w[o]), rv * p.u[h * N + n] * kv);
+    }
+  }
+#pragma unroll
+  for (int it = 0; it < (kChunk * NV + Geo::kThreads - 1) / Geo::kThreads;
+       ++it) {
+    const int idx = it * Geo::kThreads + threadIdx.x;
+    const int tt = idx / NV, n = v0 + idx % NV, t = t0 + tt;
+    if (idx < kChunk * NV && t < p.T) {
+      const size_t o = offset(p, b, t, h, n, N);
+      vp[tt * N + n] =
+          make_float2(dy ? to_float(dy[o]) : 0.f, to_float(v[o]));
     }
   }
 }
 
-// "Column" pass: thread owns the C value columns j = own + c * (N / C)
-// and the keys part + 4m. Owning several columns reuses every key value
+// "Column" pass: thread owns C value columns (Geometry::owned) and the
+// keys part + P m. Owning several columns reuses every key value
 // read from shared memory C times: shared-memory bandwidth, not
 // arithmetic, bounds this loop.
 // Forward (REV = false): X = S, out = y.  Reverse: X = G, out = dv.
-template <typename T, int N, int C, bool REV>
+template <typename T, int N, int C, int G, bool REV>
 __device__ __forceinline__ void col_pass(const Params& p, float4* kp,
                                          float2* vp) {
-  constexpr int M = N / 4, NO = N / C;
-  const int own = threadIdx.x >> 2, part = threadIdx.x & 3;
-  const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  using Geo = Geometry<N, C, G>;
+  constexpr int P = Geo::kParts, M = N / P;
+  const int part = threadIdx.x % P;
+  const int b = Geo::b(p), h = Geo::h(p);
   const size_t bh = (static_cast<size_t>(b) * p.H + h) * N * N;
   float X[C][M];
 #pragma unroll
   for (int c = 0; c < C; ++c) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      const int i = part + 4 * m, j = own + c * NO;
+      const int i = part + P * m, j = Geo::owned(c);
       if (REV) {
         X[c][m] = p.gs[bh + i * N + j];
       } else {
@@ -145,21 +201,21 @@ __device__ __forceinline__ void col_pass(const Params& p, float4* kp,
     const int t0 = (REV ? chunks - 1 - ch : ch) * kChunk;
     const int len = min(kChunk, p.T - t0);
     __syncthreads();  // the previous chunk is consumed
-    stage<T, N>(p, b, h, t0, kp, vp);
+    stage<T, N, C, G, false>(p, b, h, t0, kp, vp);
     __syncthreads();
     for (int s = 0; s < len; ++s) {
       const int tt = REV ? len - 1 - s : s;
       float sc[C], acc[C];
 #pragma unroll
       for (int c = 0; c < C; ++c) {
-        const float2 f = vp[tt * N + own + c * NO];
+        const float2 f = vp[tt * N + Geo::owned(c)];
         sc[c] = REV ? f.x : f.y;  // dy_j (dv) or v_j (y)
         acc[c] = 0.f;
       }
       float bonus = 0.f;
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const float4 e = kp[tt * N + part + 4 * m];
+        const float4 e = kp[tt * N + part + P * m];
         const float a = REV ? e.y : e.x;    // k_i (dv) or r_i (y)
         const float upd = REV ? e.x : e.y;  // r_i (G update) or k_i
         bonus += e.w;
@@ -172,10 +228,10 @@ __device__ __forceinline__ void col_pass(const Params& p, float4* kp,
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         // out_j = sum_i a_i X_ij + sc * sum_i r_i u_i k_i; sc is the
-        // same for the four threads, so one reduction covers both sums.
-        const float o = quad_sum(fmaf(sc[c], bonus, acc[c]));
+        // same for the P threads, so one reduction covers both sums.
+        const float o = group_sum<P>(fmaf(sc[c], bonus, acc[c]));
         if (part == 0) {
-          out[offset(p, b, t0 + tt, h, own + c * NO, N)] = from_float<T>(o);
+          out[offset(p, b, t0 + tt, h, Geo::owned(c), N)] = from_float<T>(o);
         }
       }
     }
@@ -185,32 +241,32 @@ __device__ __forceinline__ void col_pass(const Params& p, float4* kp,
   for (int c = 0; c < C; ++c) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      fin[bh + (part + 4 * m) * N + own + c * NO] = X[c][m];
+      fin[bh + (part + P * m) * N + Geo::owned(c)] = X[c][m];
     }
   }
 }
 
-// "Row" pass: thread owns the C key rows i = own + c * (N / C) and the
-// values part + 4m.
+// "Row" pass: thread owns C key rows and the values part + P m.
 // Forward (REV = false): X = S, out = dr, running sum P, and du.
 // Reverse: X = G, out = dk, running sum Q.
-template <typename T, int N, int C, bool REV>
+template <typename T, int N, int C, int G, bool REV>
 __device__ __forceinline__ void row_pass(const Params& p, float4* kp,
                                          float2* vp) {
-  constexpr int M = N / 4, NO = N / C;
-  const int own = threadIdx.x >> 2, part = threadIdx.x & 3;
-  const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  using Geo = Geometry<N, C, G>;
+  constexpr int P = Geo::kParts, M = N / P;
+  const int part = threadIdx.x % P;
+  const int b = Geo::b(p), h = Geo::h(p);
   const size_t bh = (static_cast<size_t>(b) * p.H + h) * N * N;
   float X[C][M], run[C], du[C], u_i[C];
 #pragma unroll
   for (int c = 0; c < C; ++c) {
-    const int i = own + c * NO;
+    const int i = Geo::owned(c);
     u_i[c] = p.u[h * N + i];
     run[c] = 0.f;  // P (forward) or Q (reverse)
     du[c] = 0.f;
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      const int j = part + 4 * m;
+      const int j = part + P * m;
       if (REV) {
         X[c][m] = p.gs[bh + i * N + j];
         run[c] = fmaf(X[c][m], p.s_T[bh + i * N + j], run[c]);
@@ -220,7 +276,7 @@ __device__ __forceinline__ void row_pass(const Params& p, float4* kp,
                        : 0.f;
       }
     }
-    if (REV) run[c] = quad_sum(run[c]);  // sum_j gS_ij S_T,ij
+    if (REV) run[c] = group_sum<P>(run[c]);  // sum_j gS_ij S_T,ij
   }
   T* out = static_cast<T*>(REV ? p.dk : p.dr);
   float* run_out = REV ? p.q : p.p;
@@ -229,7 +285,7 @@ __device__ __forceinline__ void row_pass(const Params& p, float4* kp,
     const int t0 = (REV ? chunks - 1 - ch : ch) * kChunk;
     const int len = min(kChunk, p.T - t0);
     __syncthreads();
-    stage<T, N>(p, b, h, t0, kp, vp);
+    stage<T, N, C, G, true>(p, b, h, t0, kp, vp);
     __syncthreads();
     for (int s = 0; s < len; ++s) {
       const int tt = REV ? len - 1 - s : s;
@@ -237,13 +293,13 @@ __device__ __forceinline__ void row_pass(const Params& p, float4* kp,
       float acc[C];
 #pragma unroll
       for (int c = 0; c < C; ++c) {
-        e[c] = kp[tt * N + own + c * NO];  // r_i, k_i, w_i
+        e[c] = kp[tt * N + Geo::owned(c)];  // r_i, k_i, w_i
         acc[c] = 0.f;
       }
       float dot = 0.f;
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const float2 f = vp[tt * N + part + 4 * m];  // dy_j, v_j
+        const float2 f = vp[tt * N + part + P * m];  // dy_j, v_j
         const float c_j = REV ? f.y : f.x;           // v_j or dy_j
         const float e_j = REV ? f.x : f.y;           // dy_j or v_j
         dot = fmaf(f.x, f.y, dot);
@@ -254,12 +310,12 @@ __device__ __forceinline__ void row_pass(const Params& p, float4* kp,
           X[c][m] = fmaf(e[c].z, X[c][m], upd * e_j);
         }
       }
-      dot = quad_sum(dot);
+      dot = group_sum<P>(dot);
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         const float upd = REV ? e[c].x : e[c].y;   // r_i or k_i
         const float side = REV ? e[c].y : e[c].x;  // k_i (Q) or r_i (P)
-        acc[c] = quad_sum(acc[c]);
+        acc[c] = group_sum<P>(acc[c]);
         if (REV) {
           run[c] = fmaf(-side, acc[c], run[c]);
         } else {
@@ -267,7 +323,7 @@ __device__ __forceinline__ void row_pass(const Params& p, float4* kp,
           du[c] = fmaf(e[c].x * e[c].y, dot, du[c]);
         }
         if (part == 0) {
-          const size_t o = offset(p, b, t0 + tt, h, own + c * NO, N);
+          const size_t o = offset(p, b, t0 + tt, h, Geo::owned(c), N);
           out[o] = from_float<T>(fmaf(u_i[c] * upd, dot, acc[c]));
           run_out[o] = run[c];
         }
@@ -277,71 +333,129 @@ __device__ __forceinline__ void row_pass(const Params& p, float4* kp,
   if (!REV && part == 0) {
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-      p.du_part[(static_cast<size_t>(b) * p.H + h) * N + own + c * NO] =
+      p.du_part[(static_cast<size_t>(b) * p.H + h) * N + Geo::owned(c)] =
           du[c];
     }
   }
 }
 
-template <typename T, int N, int C>
-__global__ void __launch_bounds__(4 * N / C) forward_kernel(Params p) {
+template <typename T, int N, int C, int G>
+__global__ void __launch_bounds__(Geometry<N, C, G>::kThreads)
+    forward_kernel(Params p) {
   __shared__ float4 kp[kChunk * N];
   __shared__ float2 vp[kChunk * N];
-  col_pass<T, N, C, false>(p, kp, vp);
+  col_pass<T, N, C, G, false>(p, kp, vp);
 }
 
-template <typename T, int N, int C>
-__global__ void __launch_bounds__(4 * N / C) backward_kernel(Params p) {
+template <typename T, int N, int C, int G>
+__global__ void __launch_bounds__(Geometry<N, C, G>::kThreads)
+    backward_kernel(Params p) {
   __shared__ float4 kp[kChunk * N];
   __shared__ float2 vp[kChunk * N];
   if (blockIdx.y == 0) {
-    row_pass<T, N, C, false>(p, kp, vp);  // dr, P, du
+    row_pass<T, N, C, G, false>(p, kp, vp);  // dr, P, du
   } else if (blockIdx.y == 1) {
-    row_pass<T, N, C, true>(p, kp, vp);  // dk, Q
+    row_pass<T, N, C, G, true>(p, kp, vp);  // dk, Q
   } else {
-    col_pass<T, N, C, true>(p, kp, vp);  // dv, dS0
+    col_pass<T, N, C, G, true>(p, kp, vp);  // dv, dS0
   }
 }
 
-template <typename T, int N, int C>
+template <typename T, int N, int C, int G>
 inline cudaError_t launch(const Params& p, bool backward,
                           cudaStream_t stream) {
-  const dim3 grid(p.B * p.H, backward ? 3 : 1);
+  const dim3 grid(p.B * p.H * G, backward ? 3 : 1);
+  constexpr int threads = Geometry<N, C, G>::kThreads;
   if (backward) {
-    backward_kernel<T, N, C><<<grid, 4 * N / C, 0, stream>>>(p);
+    backward_kernel<T, N, C, G><<<grid, threads, 0, stream>>>(p);
   } else {
-    forward_kernel<T, N, C><<<grid, 4 * N / C, 0, stream>>>(p);
+    forward_kernel<T, N, C, G><<<grid, threads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
 
-// Columns (rows) per thread. KERAS_RWKV_WKV6_COLS (1, 2 or 4) overrides
-// the default for head sizes >= 32, for benchmarking.
-constexpr int kDefaultCols = 2;
+// The launch shape: C owned indices per thread, G blocks per (batch,
+// head). Measured on an H100 (132 SMs, bf16, T = 4096, N = 64; B x H =
+// 1x32, 2x32, 1x64, 8x32; benchmarks/RESULTS.md): the best G is the
+// largest (up to 8) that keeps the grid within ~8 blocks per SM (more
+// only queues blocks behind each other's whole-sequence loops); the
+// backward pass is fastest with one row/column per thread, the forward
+// with two unless G = 8. KERAS_RWKV_WKV6_COLS (1, 2 or 4) and
+// KERAS_RWKV_WKV6_GROUPS (1, 2, 4 or 8) override the choice, for
+// benchmarking; a G too large for N / C falls back to the largest valid.
+struct Shape {
+  int cols, groups;
+};
 
-inline int cols_per_thread() {
-  const char* env = getenv("KERAS_RWKV_WKV6_COLS");
-  if (env && (env[0] == '1' || env[0] == '2' || env[0] == '4')) {
+constexpr int kMaxBlocksPerSm = 8;
+
+inline int env_choice(const char* name) {
+  const char* env = getenv(name);
+  if (env && (env[0] == '1' || env[0] == '2' || env[0] == '4' ||
+              env[0] == '8') && env[1] == 0) {
     return env[0] - '0';
   }
-  return kDefaultCols;
+  return 0;
+}
+
+inline int sm_count() {
+  static int cached[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    return 132;
+  }
+  if (cached[device] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) !=
+            cudaSuccess ||
+        n <= 0) {
+      n = 132;
+    }
+    cached[device] = n;
+  }
+  return cached[device];
+}
+
+inline Shape launch_shape(const Params& p, bool backward) {
+  const int64_t pairs = static_cast<int64_t>(p.B) * p.H * (backward ? 3 : 1);
+  const int64_t limit = static_cast<int64_t>(kMaxBlocksPerSm) * sm_count();
+  Shape s = {1, 1};
+  while (s.groups < 8 && pairs * s.groups * 2 <= limit) s.groups *= 2;
+  if (!backward && s.groups < 8) s.cols = 2;
+  const int cols = env_choice("KERAS_RWKV_WKV6_COLS");
+  const int groups = env_choice("KERAS_RWKV_WKV6_GROUPS");
+  if (cols) s.cols = cols;
+  if (groups) s.groups = groups;
+  return s;
+}
+
+template <typename T, int N, int C>
+inline cudaError_t launch_groups(const Params& p, bool backward, int groups,
+                                 cudaStream_t stream) {
+  // Only shapes with at least a warp a block exist (N / (C G) >= 8).
+  if constexpr (N / C >= 64) {
+    if (groups >= 8) return launch<T, N, C, 8>(p, backward, stream);
+  }
+  if constexpr (N / C >= 32) {
+    if (groups >= 4) return launch<T, N, C, 4>(p, backward, stream);
+  }
+  if constexpr (N / C >= 16) {
+    if (groups >= 2) return launch<T, N, C, 2>(p, backward, stream);
+  }
+  return launch<T, N, C, 1>(p, backward, stream);
 }
 
 template <typename T, int N>
-inline cudaError_t launch_cols(const Params& p, bool backward,
-                               cudaStream_t stream) {
-  // At least a warp per block: the quad shuffles use the full mask.
+inline cudaError_t launch_shaped(const Params& p, bool backward,
+                                 cudaStream_t stream) {
+  const Shape s = launch_shape(p, backward);
   if constexpr (N >= 32) {
-    switch (cols_per_thread()) {
-      case 2:
-        return launch<T, N, 2>(p, backward, stream);
-      case 4:
-        return launch<T, N, 4>(p, backward, stream);
-      default:
-        break;
-    }
+    if (s.cols == 4) return launch_groups<T, N, 4>(p, backward, s.groups, stream);
   }
-  return launch<T, N, 1>(p, backward, stream);
+  if constexpr (N >= 16) {
+    if (s.cols == 2) return launch_groups<T, N, 2>(p, backward, s.groups, stream);
+  }
+  return launch_groups<T, N, 1>(p, backward, s.groups, stream);
 }
 
 // Returns 0, a cudaError_t (> 0), or -1 (head size) / -2 (dtype).
@@ -350,9 +464,9 @@ inline int run(int dtype, int N, const Params& p, bool backward,
   if (p.B == 0 || p.T == 0 || p.H == 0) return 0;
 #define KERAS_RWKV_WKV6_CASE(NN)                                       \
   case NN:                                                             \
-    if (dtype == kF32) return launch_cols<float, NN>(p, backward, stream); \
+    if (dtype == kF32) return launch_shaped<float, NN>(p, backward, stream); \
     if (dtype == kBF16)                                                \
-      return launch_cols<__nv_bfloat16, NN>(p, backward, stream);      \
+      return launch_shaped<__nv_bfloat16, NN>(p, backward, stream);      \
     return -2;
   switch (N) {
     KERAS_RWKV_WKV6_CASE(8)
