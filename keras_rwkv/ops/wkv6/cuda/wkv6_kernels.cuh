@@ -128,8 +128,10 @@ struct Geometry {
 // kp[tt][i] = (r_i, k_i, w_i, r_i u_i k_i) and value-indexed
 // vp[tt][j] = (dy_j, v_j), for all N keys (values) or only the block's
 // own (OWN_KEYS: a row pass; else a column pass). Steps past T are never
-// read. The trip counts are compile-time, so the loads of a chunk are
-// issued together.
+// read. With G > 1 (few blocks, each alone on its SM) the loop is
+// unrolled so a chunk's loads are in flight together; with G = 1 (many
+// blocks) it is not: the unrolled loads need more registers, which cut
+// the blocks resident per SM, and the batched backward ran 2x slower.
 template <typename T, int N, int C, int G, bool OWN_KEYS>
 __device__ __forceinline__ void stage(const Params& p, int b, int h, int t0,
                                       float4* kp, float2* vp) {
@@ -142,7 +144,8 @@ __device__ __forceinline__ void stage(const Params& p, int b, int h, int t0,
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const T* dy = static_cast<const T*>(p.dy);
-#pragma unroll
+  constexpr int kUnroll = G > 1 ? 32 : 1;
+#pragma unroll kUnroll
   for (int it = 0; it < (kChunk * NK + Geo::kThreads - 1) / Geo::kThreads;
        ++it) {
     const int idx = it * Geo::kThreads + threadIdx.x;
@@ -154,7 +157,7 @@ __device__ __forceinline__ void stage(const Params& p, int b, int h, int t0,
           make_float4(rv, kv, expf(p.log_w[o]), rv * p.u[h * N + n] * kv);
     }
   }
-#pragma unroll
+#pragma unroll kUnroll
   for (int it = 0; it < (kChunk * NV + Geo::kThreads - 1) / Geo::kThreads;
        ++it) {
     const int idx = it * Geo::kThreads + threadIdx.x;
@@ -378,9 +381,10 @@ inline cudaError_t launch(const Params& p, bool backward,
 // head). Measured on an H100 (132 SMs, bf16, T = 4096, N = 64; B x H =
 // 1x32, 2x32, 1x64, 8x32; benchmarks/RESULTS.md): the best G is the
 // largest (up to 8) that keeps the grid within ~8 blocks per SM (more
-// only queues blocks behind each other's whole-sequence loops); the
-// backward pass is fastest with one row/column per thread, the forward
-// with two unless G = 8. KERAS_RWKV_WKV6_COLS (1, 2 or 4) and
+// only queues blocks behind each other's whole-sequence loops). With
+// G = 1 two columns per thread are best (each shared key read serves
+// two); with G > 1 the backward pass is fastest with one, the forward
+// with two up to G = 4. KERAS_RWKV_WKV6_COLS (1, 2 or 4) and
 // KERAS_RWKV_WKV6_GROUPS (1, 2, 4 or 8) override the choice, for
 // benchmarking; a G too large for N / C falls back to the largest valid.
 struct Shape {
@@ -421,7 +425,7 @@ inline Shape launch_shape(const Params& p, bool backward) {
   const int64_t limit = static_cast<int64_t>(kMaxBlocksPerSm) * sm_count();
   Shape s = {1, 1};
   while (s.groups < 8 && pairs * s.groups * 2 <= limit) s.groups *= 2;
-  if (!backward && s.groups < 8) s.cols = 2;
+  if (s.groups == 1 || (!backward && s.groups < 8)) s.cols = 2;
   const int cols = env_choice("KERAS_RWKV_WKV6_COLS");
   const int groups = env_choice("KERAS_RWKV_WKV6_GROUPS");
   if (cols) s.cols = cols;
