@@ -8,6 +8,13 @@ training).
 
 The indices are computed once per call of the backbone and shared by all
 layers; index 0 means "the carried shift state", index t + 1 means token t.
+
+When every row's real tokens are one contiguous run (no padding, left or
+right padding: all that generation and the preprocessors produce), the
+previous token is the plain shift, the carried state or the last real
+token, picked elementwise. Only other patterns take the general gather,
+whose gradient is a scatter-add over the whole `[B, T, C]` activation:
+serialized atomics on a GPU, ~0.5 ms a call for 7B at T = 4096.
 """
 
 from keras import ops
@@ -44,9 +51,27 @@ def token_shift(x, shift_state, prev_index, last_index):
     Returns:
         `(previous [B, T, C], new_shift_state [B, C])`.
     """
-    extended = ops.concatenate(
-        [ops.cast(shift_state, x.dtype)[:, None, :], x], axis=1
-    )
-    previous = ops.take_along_axis(extended, prev_index[:, :, None], axis=1)
-    new_state = ops.take_along_axis(extended, last_index[:, None, None], axis=1)
-    return previous, new_state[:, 0]
+    state = ops.cast(shift_state, x.dtype)
+    extended = ops.concatenate([state[:, None, :], x], axis=1)
+    # One row a batch: its gradient is cheap, unlike the general gather's.
+    new_state = ops.take_along_axis(
+        extended, last_index[:, None, None], axis=1
+    )[:, 0]
+    positions = ops.arange(ops.shape(x)[1], dtype="int32")[None, :]
+    prev_index = ops.cast(prev_index, "int32")
+    is_plain = ops.equal(prev_index, positions)  # token t - 1 (or state)
+    is_state = ops.equal(prev_index, 0)
+    is_last = ops.equal(prev_index, ops.cast(last_index, "int32")[:, None])
+
+    def contiguous():
+        previous = ops.where(
+            is_plain[..., None], extended[:, :-1], new_state[:, None, :]
+        )
+        return ops.where(is_state[..., None], state[:, None, :], previous)
+
+    def general():
+        return ops.take_along_axis(extended, prev_index[:, :, None], axis=1)
+
+    every_run_contiguous = ops.all(is_plain | is_state | is_last)
+    previous = ops.cond(every_run_contiguous, contiguous, general)
+    return previous, new_state
