@@ -5,9 +5,10 @@
 //   y_t = r_t (diag(u) k_t^T v_t + S_{t-1})
 //   S_t = diag(w_t) S_{t-1} + k_t^T v_t,      w_t = exp(log_w_t)
 //
-// Rows of the state (and of G below) evolve independently, and so do its
-// columns: a pass that owns rows (or columns) can split them over blocks.
-// G blocks run one (batch, head) through time, each owning N / G rows or
+// Rows of the state (and of its gradient G_t below) evolve independently,
+// and so do its columns: a pass that owns rows (or columns) can split them
+// over blocks. G blocks (the template parameter; not the gradient) run one
+// (batch, head) through time, each owning N / G rows or
 // columns; G > 1 puts more SMs to work when batch x heads is small (one
 // sequence of a 1.6B model is 32 (batch, head) pairs for 132 SMs). In a
 // block, thread `own = tid / P` owns C of the block's rows or columns and
