@@ -53,6 +53,7 @@ MASKS = {
     "right": [[1, 1, 1, 0, 0, 0, 0], [1] * 7, [1] + [0] * 6],
     "both_ends": [[0, 1, 1, 1, 0, 0, 0], [0] * 7, [1] * 7],
     "interior": [[1, 0, 1, 1, 0, 0, 1], [1] * 7, [0, 1, 0, 1, 0, 1, 0]],
+    "one_token": [[1], [0], [1]],
 }
 
 
@@ -60,7 +61,7 @@ MASKS = {
 def test_token_shift_matches_a_loop_over_tokens(pattern):
     mask = np.array(MASKS[pattern], "int32")
     rng = np.random.default_rng(len(pattern))
-    x = rng.standard_normal((3, 7, 5)).astype("float32")
+    x = rng.standard_normal((3, mask.shape[1], 5)).astype("float32")
     state = rng.standard_normal((3, 5)).astype("float32")
     prev_index, last_index = shift_indices(mask)
     previous, new_state = token_shift(x, state, prev_index, last_index)
@@ -135,3 +136,24 @@ def test_contiguous_padding_runs_no_full_scatter():
         if int(np.prod(shape)) >= b * t * c
     ]
     assert per_token == [True]
+
+
+def test_decoding_step_has_no_branch():
+    """One token (every decoding step): no `cond` in the traced step."""
+    if keras.config.backend() != "jax":
+        pytest.skip("jax only")
+    import jax
+    import jax.numpy as jnp
+
+    def step(x, state, mask):
+        prev_index, last_index = shift_indices(mask)
+        return token_shift(x, state, prev_index, last_index)
+
+    jaxpr = jax.make_jaxpr(step)(
+        jnp.ones((2, 1, 8)), jnp.ones((2, 8)), jnp.ones((2, 1), "int32")
+    )
+    assert "cond" not in {e.primitive.name for e in jaxpr.jaxpr.eqns}
+    jaxpr = jax.make_jaxpr(step)(
+        jnp.ones((2, 3, 8)), jnp.ones((2, 8)), jnp.ones((2, 3), "int32")
+    )
+    assert "cond" in {e.primitive.name for e in jaxpr.jaxpr.eqns}

@@ -57,6 +57,11 @@ def token_shift(x, shift_state, prev_index, last_index):
     new_state = ops.take_along_axis(
         extended, last_index[:, None, None], axis=1
     )[:, 0]
+    if x.shape[1] == 1:
+        # A decoding step: the one token's previous is always the carried
+        # state. Known from the static shape, so the step has no branch
+        # (and, on torch, no device sync per layer for `cond`).
+        return state[:, None, :], new_state
     positions = ops.arange(ops.shape(x)[1], dtype="int32")[None, :]
     prev_index = ops.cast(prev_index, "int32")
     is_plain = ops.equal(prev_index, positions)  # token t - 1 (or state)
