@@ -9,11 +9,14 @@ Figures (random weights, real shapes, bf16):
 - batch generation of 1.6B under DataParallel (greedy, 16-token
   prompts, `--new-tokens` new tokens, `--gen-batch-per-device` rows per
   GPU): aggregate tokens/s and efficiency likewise;
-- ModelParallel for 7B (`RWKV6Backbone.get_layout_map`, mesh
-  (1, n): weights split over n GPUs): training tokens/s and generation
-  tokens/s for every n where it fits (out-of-memory is reported, not
-  fatal); efficiency is per-GPU throughput relative to the smallest n
-  that fits.
+- ModelParallel for 7B (`RWKV6Backbone.get_layout_map`), mesh (1, n):
+  tensor parallelism, weights split over n GPUs: training tokens/s and
+  generation tokens/s for every n where it fits (out-of-memory is
+  reported, not fatal); efficiency is per-GPU throughput relative to the
+  smallest n that fits;
+- ModelParallel for 7B with mesh (n, 1): one sequence per GPU with every
+  weight, gradient and optimizer state split over the n GPUs (FSDP-like);
+  efficiency against one GPU.
 
 Every configuration runs in its own process (fresh memory, its own
 `CUDA_VISIBLE_DEVICES`), and the driver prints markdown tables.
@@ -321,7 +324,8 @@ def main():
         "--parts",
         default="train,generate,model_parallel",
         help="comma-separated: train, generate, model_parallel (or only "
-        "one half of it: mp_generate, mp_train)",
+        "a part of it: mp_generate, mp_train (mesh (1, n)), mp_fsdp (mesh "
+        "(n, 1)))",
     )
     parser.add_argument(
         "--devices", default=None, help="device counts, e.g. 1,2,4,8"
@@ -418,7 +422,7 @@ def main():
             for n in counts
         ]
     if "model_parallel" in parts:
-        parts += ["mp_generate", "mp_train"]
+        parts += ["mp_generate", "mp_train", "mp_fsdp"]
     heads = sizes[args.mp_size]["hidden_dim"] // 64
     mp_counts = [n for n in counts if heads % n == 0]
     if "mp_generate" in parts:
@@ -446,6 +450,24 @@ def main():
             )
             # Largest first: one GPU is the configuration that may not fit.
             for n in sorted(mp_counts, reverse=True)
+        ]
+    if "mp_fsdp" in parts:
+        # Mesh (n, 1): one sequence per GPU, every weight (and its gradient
+        # and optimizer state) split over the n GPUs and gathered when
+        # used. Its one-GPU baseline is mesh (1, 1), the same
+        # configuration as ModelParallel's: run it only if that did not.
+        done = [r for r in report.get("mp_train", []) if r["n"] == 1]
+        report["mp_fsdp"] = done + [
+            run(
+                "train",
+                n,
+                sizes[args.mp_size],
+                mesh=[n, 1],
+                seq_len=args.seq_len,
+                batch_per_replica=args.mp_batch,
+            )
+            for n in counts
+            if n > 1 or not done
         ]
 
     first = next(
@@ -485,6 +507,13 @@ def main():
             f"batch {args.mp_batch}, Adam",
             report["mp_train"],
             baseline="first",
+        )
+    if "mp_fsdp" in report:
+        print_scaling(
+            f"ModelParallel training with the weights split over the batch "
+            f"axis (FSDP-like), {args.mp_size}, T={args.seq_len}, "
+            f"{args.mp_batch} sequence(s) per device, Adam",
+            report["mp_fsdp"],
         )
     if "mp_generate" in report:
         print_scaling(

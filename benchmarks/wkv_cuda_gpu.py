@@ -22,6 +22,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from keras_rwkv.ops.wkv6 import cuda  # noqa: E402
+from keras_rwkv.ops.wkv6 import time_split  # noqa: E402
 from keras_rwkv.ops.wkv6.cuda import jax_binding  # noqa: E402
 from keras_rwkv.ops.wkv6.cuda import torch_binding  # noqa: E402
 
@@ -32,6 +34,21 @@ COLS_ENV = "KERAS_RWKV_WKV6_COLS"
 GROUPS_ENV = "KERAS_RWKV_WKV6_GROUPS"
 # (cols, groups); None leaves the kernel's own choice.
 SHAPES = [(None, None), (1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (1, 8), (2, 4)]
+
+
+# Time segments (time_split.py) for the JAX op; None: the default rule.
+SEGMENTS = [None, 1, 4, 16]
+
+
+def no_sync():
+    pass
+
+
+def set_segments(segments):
+    if segments is None:
+        os.environ.pop(time_split.SEGMENTS_ENV_VAR, None)
+    else:
+        os.environ[time_split.SEGMENTS_ENV_VAR] = str(segments)
 
 
 def set_shape(cols, groups):
@@ -238,9 +255,27 @@ def bench(impls, b, t, h, n):
     args = (r, k, v, log_w, u, s0)
     set_shape(None, None)
     results["ours (JAX FFI)"] = (
-        timeit(lambda: jax.block_until_ready(fwd(*args)), lambda: None),
-        timeit(lambda: jax.block_until_ready(fb(*args)), lambda: None),
+        timeit(lambda: jax.block_until_ready(fwd(*args)), no_sync),
+        timeit(lambda: jax.block_until_ready(fb(*args)), no_sync),
     )
+
+    # ours, JAX, split over time (time_split.py) into K segments; "auto"
+    # is the default rule. The split happens at trace time: new jits.
+    for segments in SEGMENTS:
+        set_segments(segments)
+
+        def loss_split(r, k, v, log_w, u, s0):
+            y, s = cuda.wkv6_cuda(r, k, v, log_w, u, s0)
+            return jnp.sum(y.astype(jnp.float32) * gy) + jnp.sum(s)
+
+        fwd_split = jax.jit(lambda *a: cuda.wkv6_cuda(*a))
+        fb_split = jax.jit(jax.grad(loss_split, argnums=(0, 1, 2, 3, 4, 5)))
+        name = "auto" if segments is None else f"K={segments}"
+        results[f"ours (JAX, split {name})"] = tuple(
+            timeit(lambda f=f: jax.block_until_ready(f(*args)), no_sync)
+            for f in (fwd_split, fb_split)
+        )
+    set_segments(None)
 
     # ours, torch, and fla on the same torch tensors
     dev = "cuda"
@@ -421,6 +456,12 @@ def main():
         help="B,T,H,N problem shapes for --bench, separated by ';'",
     )
     parser.add_argument(
+        "--segments",
+        default=None,
+        help="time-segment counts for the split JAX op, e.g. 1,4,16 "
+        "('auto' for the default rule)",
+    )
+    parser.add_argument(
         "--build-rwkv-ops",
         action="store_true",
         help="only build rwkv-ops' kernel (B=8 T=4096 shape), then exit",
@@ -447,6 +488,10 @@ def main():
         sanitize_case()
     if a.check:
         check()
+    if a.segments:
+        SEGMENTS[:] = [
+            None if x == "auto" else int(x) for x in a.segments.split(",")
+        ]
     if a.bench:
         for shape in a.shapes.split(";"):
             bench(a.impls.split(","), *(int(x) for x in shape.split(",")))

@@ -4,15 +4,26 @@ import keras
 import numpy as np
 
 
-def value_and_grad(fn, args):
-    """`fn(*args) -> scalar`; returns (value, [grad per arg]) as numpy."""
+def compiled(fn):
+    """`fn` under `jax.jit` on JAX (eager JAX compiles every op on its own,
+    seconds for a WKV6 call); `fn` itself elsewhere."""
+    if keras.config.backend() == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn
+
+
+def value_and_grad(fn, args, jit=False):
+    """`fn(*args) -> scalar`; returns (value, [grad per arg]) as numpy.
+    `jit=True` compiles the gradient function on JAX."""
     backend = keras.config.backend()
     if backend == "jax":
         import jax
 
-        value, grads = jax.value_and_grad(fn, argnums=tuple(range(len(args))))(
-            *[jax.numpy.asarray(a) for a in args]
-        )
+        grad_fn = jax.value_and_grad(fn, argnums=tuple(range(len(args))))
+        grad_fn = jax.jit(grad_fn) if jit else grad_fn
+        value, grads = grad_fn(*[jax.numpy.asarray(a) for a in args])
         return np.asarray(value), [np.asarray(g) for g in grads]
     if backend == "torch":
         import torch

@@ -240,6 +240,24 @@ def test_every_launch_shape_matches_reference(monkeypatch, cols, groups):
 
 
 @needs_gpu
+@pytest.mark.parametrize("segments,t", [(7, 37), (4, 1000), (16, 4096)])
+def test_kernel_split_over_time_matches_reference(monkeypatch, segments, t):
+    """The kernel on time segments (time_split.py), forced; 37 / 7 leaves
+    a padded last segment. (Unforced, T = 1000 at batch 1-3 and 2 heads
+    already runs 4 segments in test_cuda_matches_reference.)"""
+    monkeypatch.setenv("KERAS_RWKV_WKV6_SEGMENTS", str(segments))
+    inputs, gy, gs = _random(2, t, 2, 64, seed=segments, with_state=True)
+    inputs[5] = inputs[5][:1]  # a shared state, broadcast before the split
+    got = _cuda_values_and_grads(inputs, gy, gs)
+    ref = _reference(inputs, gy, gs)
+    names = ["y", "state", "dr", "dk", "dv", "dlog_w", "du", "ds0"]
+    for name, g, e in zip(names, got, ref):
+        tol = FWD_TOL if name in ("y", "state") else GRAD_TOL
+        err = relative_error(g, e.detach().numpy())
+        assert err <= tol, f"{name}: relative error {err:.2e}"
+
+
+@needs_gpu
 def test_cuda_bfloat16_and_batch_one_state():
     inputs, gy, gs = _random(3, 100, 2, 64, seed=3, with_state=True)
     inputs[5] = inputs[5][:1]  # one state broadcast over the batch

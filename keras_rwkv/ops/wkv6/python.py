@@ -14,9 +14,35 @@ factorisation overflows at w_raw ≈ 5). Between chunks only the state is
 passed on, with an associative scan over chunks.
 """
 
+import contextlib
+
+import keras
 from keras import ops
 
 DEFAULT_CHUNK_SIZE = 16
+
+
+def einsum_f32(subscripts, *operands):
+    """`ops.einsum` at full float32 precision on every backend.
+
+    JAX lets XLA run float32 matmuls as TF32 on recent GPUs by default,
+    which rounds to 10-bit mantissas (relative errors ~1e-3 in the WKV
+    output); torch and CPUs compute float32 as float32.
+    """
+    if keras.config.backend() == "jax":
+        return ops.einsum(subscripts, *operands, precision="highest")
+    return ops.einsum(subscripts, *operands)
+
+
+def _factory_device(x):
+    # Keras's torch `associative_scan` makes its buffers with `torch.zeros`
+    # on the default device (the CPU), then mixes them with `x`: make x's
+    # device the default while it runs.
+    if keras.config.backend() == "torch":
+        import torch
+
+        return torch.device(x.device)
+    return contextlib.nullcontext()
 
 
 def wkv6_step(r, k, v, log_w, u, state):
@@ -33,9 +59,38 @@ def wkv6_step(r, k, v, log_w, u, state):
     r, k, v, log_w = (x[:, 0] for x in (r, k, v, log_w))
     kv = k[..., :, None] * v[..., None, :]
     bonus = ops.sum(r * u * k, axis=-1, keepdims=True) * v
-    y = ops.einsum("bhi,bhij->bhj", r, state) + bonus
+    y = einsum_f32("bhi,bhij->bhj", r, state) + bonus
     new_state = ops.exp(log_w)[..., None] * state + kv
     return y[:, None], new_state
+
+
+def chain_states(decay, kv, state, axis):
+    """The state at the end of every chunk, from the state before the first:
+    `S_c = d_c * S_{c-1} + KV_c`, as an associative scan over chunks.
+
+    Args:
+        decay: `[..., C, ..., N]` float32, each chunk's total decay per key
+            channel, the chunk axis at `axis`.
+        kv: `[..., C, ..., N, N]` float32, each chunk's own contribution
+            to the state (started from zero).
+        state: the state before the first chunk: `kv`'s shape without the
+            chunk axis.
+        axis: int >= 0, the chunk axis.
+
+    Returns:
+        `[..., C, ..., N, N]`: the state after each chunk.
+    """
+
+    def combine(left, right):
+        d_l, s_l = left
+        d_r, s_r = right
+        return d_l * d_r, d_r[..., None] * s_l + s_r
+
+    with _factory_device(kv):
+        decay_prod, kv_sum = ops.associative_scan(
+            combine, (decay, kv), axis=axis
+        )
+    return decay_prod[..., None] * ops.expand_dims(state, axis) + kv_sum
 
 
 def wkv6_chunked(r, k, v, log_w, u, state, chunk_size=DEFAULT_CHUNK_SIZE):
@@ -81,31 +136,21 @@ def wkv6_chunked(r, k, v, log_w, u, state, chunk_size=DEFAULT_CHUNK_SIZE):
     causal = ops.cast(idx[:, None] > idx[None, :], "float32")
     diff = a_excl[..., :, None, :] - a_incl[..., None, :, :]
     decay_ts = ops.exp(ops.minimum(diff, 0.0))
-    scores = ops.einsum("bhctsi,bhcti,bhcsi->bhcts", decay_ts, r, k)
+    scores = einsum_f32("bhctsi,bhcti,bhcsi->bhcts", decay_ts, r, k)
     bonus = ops.sum(r * u[None, :, None, None, :] * k, axis=-1)
     scores = scores * causal + bonus[..., None] * ops.eye(chunk_size)
-    y = ops.matmul(scores, v)
+    y = einsum_f32("bhcts,bhcsj->bhctj", scores, v)
 
     # Per chunk: its own contribution to the state and its total decay.
     k_to_end = k * ops.exp(a_last - a_incl)
-    chunk_kv = ops.einsum("bhcli,bhclj->bhcij", k_to_end, v)
+    chunk_kv = einsum_f32("bhcli,bhclj->bhcij", k_to_end, v)
     chunk_decay = ops.exp(a_last[:, :, :, 0, :])  # [B, H, C, N]
 
-    # States at the end of every chunk, starting from the given state:
-    # S_c = d_c * S_{c-1} + KV_c, as an associative scan over chunks.
-    def combine(left, right):
-        d_l, s_l = left
-        d_r, s_r = right
-        return d_l * d_r, d_r[..., None] * s_l + s_r
-
-    decay_prod, kv_sum = ops.associative_scan(
-        combine, (chunk_decay, chunk_kv), axis=2
-    )
-    ends = decay_prod[..., None] * state[:, :, None] + kv_sum
+    ends = chain_states(chunk_decay, chunk_kv, state, axis=2)
     starts = ops.concatenate([state[:, :, None], ends[:, :, :-1]], axis=2)
 
     # Inter-chunk: what the carried state contributes inside each chunk.
-    y = y + ops.einsum("bhcli,bhcij->bhclj", r * ops.exp(a_excl), starts)
+    y = y + einsum_f32("bhcli,bhcij->bhclj", r * ops.exp(a_excl), starts)
 
     y = ops.transpose(y, (0, 2, 3, 1, 4))
     y = ops.reshape(y, (batch, -1, num_heads, head_size))[:, :seq_len]

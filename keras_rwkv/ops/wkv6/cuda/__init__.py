@@ -12,6 +12,7 @@ import functools
 
 import keras
 
+from keras_rwkv.ops.wkv6 import time_split
 from keras_rwkv.ops.wkv6.cuda.build import CudaKernelUnavailable
 
 __all__ = ["CudaKernelUnavailable", "availability", "require", "wkv6_cuda"]
@@ -115,7 +116,17 @@ def wkv6_cuda(r, k, v, log_w, u, initial_state=None):
         u: `[H, N]`.
         initial_state: `[B or 1, H, N, N]` or `None`.
 
+    At small batch the sequence is also split into time segments run as
+    extra rows (`time_split.py`), so that the GPU has enough independent
+    chains to work on.
+
     Returns:
         `(y, final_state)`: `y` in `r`'s dtype, the state in float32.
     """
-    return require().wkv6(r, k, v, log_w, u, initial_state)
+    batch, seq_len, num_heads, _ = r.shape
+    segments = 1
+    if batch is not None and seq_len is not None:
+        segments = time_split.segment_count(batch, seq_len, num_heads)
+    return time_split.split_over_time(
+        require().wkv6, r, k, v, log_w, u, initial_state, segments
+    )
