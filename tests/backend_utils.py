@@ -28,13 +28,20 @@ def value_and_grad(fn, args, jit=False):
     if backend == "torch":
         import torch
 
-        ts = [torch.tensor(a, requires_grad=True) for a in args]
+        # Leaves on Keras's device (the GPU when there is one): ops that
+        # only cast keep a tensor where it is, and would mix devices.
+        ts = [
+            keras.ops.convert_to_tensor(a).detach().requires_grad_()
+            for a in args
+        ]
         value = fn(*ts)
         grads = torch.autograd.grad(value, ts, allow_unused=True)
         grads = [
             torch.zeros_like(t) if g is None else g for g, t in zip(grads, ts)
         ]
-        return value.detach().numpy(), [g.detach().numpy() for g in grads]
+        return value.detach().cpu().numpy(), [
+            g.detach().cpu().numpy() for g in grads
+        ]
     if backend == "tensorflow":
         import tensorflow as tf
 
