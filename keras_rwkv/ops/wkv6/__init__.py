@@ -16,6 +16,9 @@ use) on the jax and torch backends when a GPU and nvcc (or a cached build)
 are there, and the Python path otherwise; it says once which it chose.
 `KERAS_RWKV_WKV_KERNEL=python|cuda` forces either. Decoding (T = 1) stays
 on the Python step under "auto": XLA fuses it into the surrounding layer.
+At small batch the CUDA path also splits the sequence into time segments
+run as extra rows (`time_split.py`; `KERAS_RWKV_WKV6_SEGMENTS` forces the
+count).
 """
 
 import os

@@ -8,9 +8,9 @@ the sequence is cut into K segments of L = T / K steps and the kernel
 runs them as K x more rows of L steps:
 
 1. Each segment's own contribution to the state, started from zero, is
-   a matmul: `KV_c = sum_s (k_s * exp(A_end - A_s))ᵀ v_s` (A = cumulative
-   log decay inside the segment; every factor is <= 1), and its total
-   decay is `exp(A_end)`.
+   a matmul: `KV_c = sum_s (k_s * exp(D_s))ᵀ v_s` (D_s = the log decay
+   of the steps after s to the segment's end, <= 0), and its total decay
+   is the exp of its summed log decay.
 2. The state entering segment c is `S_c = d_{c-1} * S_{c-1} + KV_{c-1}`
    (associative scan over segments, from the given initial state).
 3. The kernel runs every segment from its entering state: outputs, and
@@ -133,13 +133,16 @@ def split_over_time(wkv_fn, r, k, v, log_w, u, initial_state, segments):
         x = x if dtype is None else ops.cast(x, dtype)
         return ops.reshape(x, (batch, segments, length, num_heads, head_size))
 
-    a_incl = ops.cumsum(split(log_w, "float32"), axis=2)
-    a_end = a_incl[:, :, -1:]
-    k_to_end = split(k, "float32") * ops.exp(a_end - a_incl)
+    # Log decay from each step to the segment's end, summed from the end:
+    # a cumulative sum from the start would leave the late steps (the ones
+    # that survive the decay) as differences of large numbers.
+    log_w = split(log_w, "float32")
+    from_step = ops.flip(ops.cumsum(ops.flip(log_w, 2), axis=2), 2)
+    k_to_end = split(k, "float32") * ops.exp(from_step - log_w)
     local = einsum_f32(
         "bklhi,bklhj->bkhij", k_to_end, split(v, "float32")
     )  # [B, K, H, N, N]
-    decay = ops.exp(a_end[:, :, 0])  # [B, K, H, N]
+    decay = ops.exp(from_step[:, :, 0])  # [B, K, H, N]
 
     state_shape = (batch, num_heads, head_size, head_size)
     if initial_state is None:
@@ -160,7 +163,7 @@ def split_over_time(wkv_fn, r, k, v, log_w, u, initial_state, segments):
         fold(r),
         fold(k),
         fold(v),
-        fold(log_w),
+        fold(log_w),  # float32 now, as the kernels want it
         u,
         ops.reshape(starts, (rows,) + state_shape[1:]),
     )
