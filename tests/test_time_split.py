@@ -5,7 +5,6 @@ under the split is checked in test_wkv6_cuda.py on a GPU."""
 
 import numpy as np
 import pytest
-import torch
 from keras import ops
 
 from keras_rwkv.ops.wkv6 import time_split
@@ -13,9 +12,8 @@ from keras_rwkv.ops.wkv6 import wkv6
 from tests.backend_utils import compiled
 from tests.backend_utils import value_and_grad
 from tests.reference import relative_error
-from tests.reference import wkv_reference_torch
 from tests.test_wkv6 import FWD_TOL
-from tests.test_wkv6 import GRAD_TOL
+from tests.test_wkv6 import assert_gradients_match_recurrence
 from tests.test_wkv6 import random_inputs
 
 
@@ -47,24 +45,14 @@ def test_values_and_gradients_match_the_recurrence(segments, state):
 
     args = inputs if state != "none" else inputs[:5]
     _, grads = value_and_grad(loss, args, jit=True)
-    ts = [
-        torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in args
-    ]
-    s0 = ts[5] if state != "none" else torch.zeros(b, h, n, n).double()
-    y, s = wkv_reference_torch(*ts[:5], s0.expand(b, h, n, n))
-    ref_loss = (y * torch.tensor(gy)).sum() + (s * torch.tensor(gs)).sum()
-    ref_grads = torch.autograd.grad(ref_loss, ts)
-    names = ["r", "k", "v", "log_w", "u", "initial_state"]
-    for name, g, g_ref in zip(names, grads, ref_grads):
-        err = relative_error(g, g_ref.numpy())
-        assert err <= GRAD_TOL, f"d/d{name}: relative error {err:.2e}"
+    y, s = assert_gradients_match_recurrence(grads, args, gy, gs)
 
     y_got, s_got = compiled(
         lambda *a: time_split.split_over_time(python_wkv, *a, segments)
     )(*inputs[:5], args[5] if state != "none" else None)
     assert y_got.shape == (b, t, h, n)
-    assert relative_error(ops.convert_to_numpy(y_got), y.detach()) <= FWD_TOL
-    assert relative_error(ops.convert_to_numpy(s_got), s.detach()) <= FWD_TOL
+    assert relative_error(ops.convert_to_numpy(y_got), y) <= FWD_TOL
+    assert relative_error(ops.convert_to_numpy(s_got), s) <= FWD_TOL
 
 
 def test_the_kernel_sees_segments_as_rows():

@@ -67,17 +67,27 @@ def test_gradients_of_every_input(t):
         )
 
     _, grads = value_and_grad(loss, list(inputs))
+    assert_gradients_match_recurrence(grads, inputs, gy, gs)
 
+
+def assert_gradients_match_recurrence(grads, inputs, gy, gs):
+    """`grads` of `sum(y * gy) + sum(final_state * gs)` with respect to
+    `inputs` (r, k, v, log_w, u and, if given, the initial state `[B or 1,
+    H, N, N]`) against the float64 recurrence's; returns its y and final
+    state."""
     ts = [
         torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in inputs
     ]
-    y, s = wkv_reference_torch(*ts)
+    b, _, h, n = inputs[0].shape
+    s0 = ts[5] if len(ts) > 5 else torch.zeros(1, h, n, n).double()
+    y, s = wkv_reference_torch(*ts[:5], s0.expand(b, h, n, n))
     ref_loss = (y * torch.tensor(gy)).sum() + (s * torch.tensor(gs)).sum()
     ref_grads = torch.autograd.grad(ref_loss, ts)
     names = ["r", "k", "v", "log_w", "u", "initial_state"]
     for name, g, g_ref in zip(names, grads, ref_grads):
         err = relative_error(g, g_ref.numpy())
         assert err <= GRAD_TOL, f"d/d{name}: relative error {err:.2e}"
+    return y.detach(), s.detach()
 
 
 def test_batch_one_state_broadcasts():

@@ -30,6 +30,7 @@ from keras import ops
 from keras_rwkv.ops.wkv6 import cuda
 from keras_rwkv.ops.wkv6.cuda import CudaKernelUnavailable
 from keras_rwkv.ops.wkv6.python import DEFAULT_CHUNK_SIZE
+from keras_rwkv.ops.wkv6.python import full_state
 from keras_rwkv.ops.wkv6.python import wkv6_chunked
 from keras_rwkv.ops.wkv6.python import wkv6_step
 
@@ -142,15 +143,7 @@ def wkv6(
             raise CudaKernelUnavailable(f"kernel='cuda' cannot run: {problem}.")
     out_dtype = r.dtype
     r, k, v, log_w, u = (ops.cast(x, "float32") for x in (r, k, v, log_w, u))
-    batch = ops.shape(r)[0]
-    num_heads, head_size = r.shape[2], r.shape[3]
-    state_shape = (batch, num_heads, head_size, head_size)
-    if initial_state is None:
-        state = ops.zeros(state_shape, "float32")
-    else:
-        state = ops.broadcast_to(
-            ops.cast(initial_state, "float32"), state_shape
-        )
+    state = full_state(initial_state, ops.shape(r)[0], *r.shape[2:])
     if r.shape[1] == 1:
         y, final_state = wkv6_step(r, k, v, log_w, u, state)
     else:

@@ -45,6 +45,16 @@ def _factory_device(x):
     return contextlib.nullcontext()
 
 
+def full_state(initial_state, batch, num_heads, head_size):
+    """The float32 state `[B, H, N, N]` a recurrence starts from: zeros for
+    `None`, else `initial_state` (`[B or 1, H, N, N]`) broadcast over the
+    batch."""
+    shape = (batch, num_heads, head_size, head_size)
+    if initial_state is None:
+        return ops.zeros(shape, "float32")
+    return ops.broadcast_to(ops.cast(initial_state, "float32"), shape)
+
+
 def wkv6_step(r, k, v, log_w, u, state):
     """One token of the recurrence (T = 1).
 

@@ -29,6 +29,7 @@ from keras import ops
 
 from keras_rwkv.ops.wkv6.python import chain_states
 from keras_rwkv.ops.wkv6.python import einsum_f32
+from keras_rwkv.ops.wkv6.python import full_state
 
 SEGMENTS_ENV_VAR = "KERAS_RWKV_WKV6_SEGMENTS"
 # Measured on H100 (benchmarks/RESULTS.md, "WKV split over time"): with 16
@@ -144,13 +145,7 @@ def split_over_time(wkv_fn, r, k, v, log_w, u, initial_state, segments):
     )  # [B, K, H, N, N]
     decay = ops.exp(from_step[:, :, 0])  # [B, K, H, N]
 
-    state_shape = (batch, num_heads, head_size, head_size)
-    if initial_state is None:
-        state = ops.zeros(state_shape, "float32")
-    else:
-        state = ops.broadcast_to(
-            ops.cast(initial_state, "float32"), state_shape
-        )
+    state = full_state(initial_state, batch, num_heads, head_size)
     ends = chain_states(decay[:, :-1], local[:, :-1], state, axis=1)
     starts = ops.concatenate([state[:, None], ends], axis=1)
 
@@ -165,10 +160,12 @@ def split_over_time(wkv_fn, r, k, v, log_w, u, initial_state, segments):
         fold(v),
         fold(log_w),  # float32 now, as the kernels want it
         u,
-        ops.reshape(starts, (rows,) + state_shape[1:]),
+        ops.reshape(starts, (rows, num_heads, head_size, head_size)),
     )
     y = ops.reshape(y, (batch, segments * length, num_heads, head_size))
     if pad:
         y = y[:, :seq_len]
-    finals = ops.reshape(finals, (batch, segments) + state_shape[1:])
+    finals = ops.reshape(
+        finals, (batch, segments, num_heads, head_size, head_size)
+    )
     return y, finals[:, -1]
