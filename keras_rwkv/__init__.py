@@ -1,30 +1,59 @@
-"""RWKV6 for Keras 3 and KerasHub. Importing registers the classes."""
+"""RWKV6 for Keras 3 and KerasHub. Importing registers the classes and
+the named presets with KerasHub.
 
-from keras_rwkv import samplers
-from keras_rwkv.models.rwkv6.rwkv6_backbone import RWKV6Backbone
-from keras_rwkv.models.rwkv6.rwkv6_causal_lm import RWKV6CausalLM
-from keras_rwkv.models.rwkv6.rwkv6_causal_lm_preprocessor import (
-    RWKV6CausalLMPreprocessor,
-)
-from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
-from keras_rwkv.models.rwkv6.rwkv6_stream_decoder import RWKV6StreamDecoder
-from keras_rwkv.models.rwkv6.rwkv6_tokenizer import RWKV6Tokenizer
-from keras_rwkv.ops.wkv6 import wkv6
-from keras_rwkv.utils.preset_cache import install_keras_hub_hook
+In the `keras-rwkv` command line nothing is imported here at first: the
+backend must be chosen before Keras is (see `entry.py`); the names below
+then load on first use, and the command registers what it needs.
+"""
+
+import importlib
+
+from keras_rwkv import entry
 
 __version__ = "0.1.0"
 
-# Named presets (rwkv6_world_1.6b, ...) become loadable through KerasHub.
-install_keras_hub_hook()
+_EXPORTS = {
+    "RWKV6Backbone": "keras_rwkv.models.rwkv6.rwkv6_backbone",
+    "RWKV6CausalLM": "keras_rwkv.models.rwkv6.rwkv6_causal_lm",
+    "RWKV6CausalLMPreprocessor": (
+        "keras_rwkv.models.rwkv6.rwkv6_causal_lm_preprocessor"
+    ),
+    "RWKV6State": "keras_rwkv.models.rwkv6.rwkv6_state",
+    "RWKV6StreamDecoder": "keras_rwkv.models.rwkv6.rwkv6_stream_decoder",
+    "RWKV6Tokenizer": "keras_rwkv.models.rwkv6.rwkv6_tokenizer",
+    "wkv6": "keras_rwkv.ops.wkv6",
+}
 
-__all__ = [
-    "RWKV6Backbone",
-    "RWKV6CausalLM",
-    "RWKV6CausalLMPreprocessor",
-    "RWKV6State",
-    "RWKV6StreamDecoder",
-    "RWKV6Tokenizer",
-    "samplers",
-    "wkv6",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "register", "samplers", "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name == "samplers":
+        return importlib.import_module("keras_rwkv.samplers")
+    raise AttributeError(f"module 'keras_rwkv' has no attribute {name!r}")
+
+
+def register():
+    """Imports the classes (registering them with Keras serialization),
+    registers the named presets with KerasHub, and turns on the persistent
+    compilation cache (see `keras_rwkv.utils.compile_cache`). Idempotent;
+    importing `keras_rwkv` calls it, outside the command line.
+
+    Returns:
+        The compilation cache directory in use, or None.
+    """
+    from keras_rwkv.utils import compile_cache
+    from keras_rwkv.utils.preset_cache import install_keras_hub_hook
+
+    for name in _EXPORTS:
+        __getattr__(name)
+    install_keras_hub_hook()
+    return compile_cache.enable()
+
+
+if not entry.prepare_cli_process():
+    register()

@@ -1,8 +1,19 @@
-"""The `keras-rwkv` command line: generate, chat, convert."""
+"""The `keras-rwkv` command line: generate, chat, convert.
+
+The backend is chosen before Keras is imported (`entry.py`): `--backend`,
+else `KERAS_BACKEND`, else JAX when installed. Errors are one or two lines
+and a non-zero exit code; `--verbose` adds the tracebacks, the backend,
+the kernel choice and timings.
+"""
 
 import argparse
-import os
+import logging
+import math
 import sys
+import time
+import traceback
+
+from keras_rwkv import entry
 
 DEFAULT_PRESET = "rwkv6_world_1.6b"
 CHAT_COMMANDS = """commands:
@@ -14,6 +25,7 @@ CHAT_COMMANDS = """commands:
 
 
 def _convert(args):
+    _import_keras(args)
     from keras_rwkv import RWKV6CausalLMPreprocessor
     from keras_rwkv import RWKV6Tokenizer
     from keras_rwkv.convert import convert_checkpoint
@@ -28,28 +40,55 @@ def _convert(args):
     print(f"Generate with: keras-rwkv generate --preset {path} 'Hello'")
 
 
-def _load_model(args):
-    import keras
-    import keras_hub
+def _import_keras(args):
+    """Imports Keras and KerasHub on the chosen backend and registers our
+    classes and presets; says which backend in `--verbose`."""
+    quiet = not args.verbose and entry.choice is not None
+    tensorflow = entry.choice is not None and entry.choice[0] == "tensorflow"
+    with entry.native_stderr_silenced(enabled=quiet and tensorflow):
+        import keras
+        import keras_hub  # noqa: F401
 
-    import keras_rwkv  # noqa: F401  (registers classes and presets)
+    import keras_rwkv
+
+    backend = keras.config.backend()
+    if args.backend and args.backend != backend:
+        raise CommandError(
+            f"--backend {args.backend}: Keras in this process already runs "
+            f"on {backend!r} (it was imported before the command started)."
+        )
+    cache = keras_rwkv.register()
+    why = entry.choice[1] if entry.choice else "chosen by the caller"
+    log.info("backend %s (%s); Keras %s", backend, why, keras.__version__)
+    if backend == "jax":
+        import jax
+
+        log.info("jax %s on %s", jax.__version__, jax.devices())
+    log.info("compilation cache: %s", cache or "off")
+    return keras, keras_hub
+
+
+def _load_model(args):
+    keras, keras_hub = _import_keras(args)
     from keras_rwkv.samplers import PenaltySampler
 
     if args.seed is not None:
         keras.utils.set_random_seed(args.seed)
     kwargs = {"dtype": args.dtype} if args.dtype else {}
+    started = time.perf_counter()
     try:
         lm = keras_hub.models.CausalLM.from_preset(args.preset, **kwargs)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(
-            f"error: cannot load preset {args.preset!r}: {e}\n"
+        raise CommandError(
+            f"cannot load preset {args.preset!r}: {e}\n"
             "Pass --preset with a preset name or a directory made by "
             "`keras-rwkv convert MODEL.pth DIR`."
-        ) from None
+        ) from e
+    log.info("loaded %s in %.1f s", args.preset, time.perf_counter() - started)
     inner = {
         "greedy": lambda: keras_hub.samplers.GreedySampler(),
         "top_k": lambda: keras_hub.samplers.TopKSampler(
-            k=args.top_k, seed=args.seed
+            k=args.top_k or 5, seed=args.seed
         ),
         "top_p": lambda: keras_hub.samplers.TopPSampler(
             p=args.top_p, k=args.top_k, seed=args.seed
@@ -78,7 +117,7 @@ def _stream_printer(tokenizer, stop_ids, out):
 
     def callback(step_ids):
         token = int(step_ids[0])
-        if state["stopped"]:
+        if state["stopped"] or token < 0:
             return
         if token in stop_ids:
             state["stopped"] = True
@@ -99,15 +138,31 @@ def _stream_generate(lm, prompt, args, stop_ids, state, out):
     """Generates after `prompt`, printing text as it comes; returns the
     state after everything printed (stop token included)."""
     callback, finish = _stream_printer(lm.preprocessor.tokenizer, stop_ids, out)
+    timing = {"start": time.perf_counter(), "first": None, "count": 0}
+
+    def timed(step_ids):
+        timing["first"] = timing["first"] or time.perf_counter()
+        timing["count"] += 1
+        callback(step_ids)
+
     _, state = lm.generate(
         prompt,
         max_new_tokens=args.max_new_tokens,
         stop_token_ids=stop_ids,
         state=state,
         return_state=True,
-        stream=callback,
+        stream=timed,
     )
     finish()
+    if timing["first"] is not None:
+        now, first = time.perf_counter(), timing["first"]
+        rate = (timing["count"] - 1) / (now - first) if now > first else 0.0
+        log.info(
+            "first token after %.2f s; %d tokens, %.1f tok/s after it",
+            first - timing["start"],
+            timing["count"],
+            rate,
+        )
     return state
 
 
@@ -190,54 +245,184 @@ def _chat(args, stdin=None, out=None):
         out.write("\n\n")
 
 
+def _number(kind, low=None, high=None, low_open=False):
+    """An argparse type: a finite `kind` within [low, high] (or
+    (low, high] with `low_open`)."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a{'n integer' if kind is int else ' number'}: {text!r}"
+            ) from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+        too_low = low is not None and (
+            value <= low if low_open else value < low
+        )
+        if too_low or (high is not None and value > high):
+            left = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(
+                f"{text} is outside {left}{low}, {high}]"
+            )
+        return value
+
+    return parse
+
+
+def _add_common_args(p):
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="say which backend, kernel and cache run, with timings; "
+        "tracebacks on errors",
+    )
+    p.add_argument(
+        "--backend",
+        choices=entry.BACKENDS,
+        default=None,
+        help="Keras backend (default: $KERAS_BACKEND, else jax when "
+        "installed, else torch, else tensorflow)",
+    )
+
+
 def _add_generation_args(p):
     p.add_argument(
         "--preset",
         default=DEFAULT_PRESET,
-        help=f"preset name or directory (default {DEFAULT_PRESET})",
+        help="preset name or a directory made by `keras-rwkv convert`",
     )
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument(
+        "--max-new-tokens",
+        type=_number(int, 1),
+        default=200,
+        help="tokens to generate (fewer if the model ends the text)",
+    )
     p.add_argument(
         "--sampler",
         choices=["top_p", "top_k", "greedy", "random"],
         default="top_p",
+        help="how the next token is picked: top_p (nucleus), top_k, greedy "
+        "(the most likely) or random (the whole distribution)",
     )
-    p.add_argument("--top-p", type=float, default=0.85)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--penalty-window", type=int, default=None)
-    p.add_argument("--presence-penalty", type=float, default=0.2)
-    p.add_argument("--frequency-penalty", type=float, default=0.2)
-    p.add_argument("--penalty-decay", type=float, default=0.996)
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument(
-        "--dtype", default=None, help="e.g. bfloat16 (default: the preset's)"
+        "--top-p",
+        type=_number(float, 0, 1, low_open=True),
+        default=0.85,
+        help="top_p: sample among the most likely tokens that make up this "
+        "much probability",
     )
+    p.add_argument(
+        "--top-k",
+        type=_number(int, 1),
+        default=None,
+        help="top_k: sample among this many most likely tokens (default 5); "
+        "with top_p, a cap on its candidates (default: none)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=_number(float, 0, low_open=True),
+        default=1.0,
+        help="divides the logits: below 1 sharper, above 1 more varied",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=_number(float, 0, low_open=True),
+        default=1.0,
+        help="per earlier occurrence of a token in the text so far, divide "
+        "its logit by this (multiply when negative); 1 disables",
+    )
+    p.add_argument(
+        "--penalty-window",
+        type=_number(int, 1),
+        default=None,
+        help="count only the last N tokens for --repetition-penalty "
+        "(default: all)",
+    )
+    p.add_argument(
+        "--presence-penalty",
+        type=_number(float),
+        default=0.2,
+        help="subtracted from the logit of every token generated so far",
+    )
+    p.add_argument(
+        "--frequency-penalty",
+        type=_number(float),
+        default=0.2,
+        help="times each generated token's decayed count, subtracted from "
+        "its logit",
+    )
+    p.add_argument(
+        "--penalty-decay",
+        type=_number(float, 0, 1, low_open=True),
+        default=0.996,
+        help="per-token decay of the --frequency-penalty counts",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed, for repeatable sampling (default: a new one "
+        "each run)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="compute dtype, e.g. bfloat16 (default: the preset's)",
+    )
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "%(default)" not in text
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="keras-rwkv",
         description="RWKV6 for Keras 3 and KerasHub.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="Continue a prompt (streams text).")
-    gen.add_argument("prompt")
+    def command(name, help):
+        p = sub.add_parser(
+            name, help=help, description=help, formatter_class=_HelpFormatter
+        )
+        _add_common_args(p)
+        return p
+
+    gen = command("generate", "Continue a prompt (streams text).")
+    gen.add_argument("prompt", help="the text to continue")
     _add_generation_args(gen)
     gen.add_argument("--state-in", help="start from a saved state (.npz)")
     gen.add_argument("--state-out", help="save the final state (.npz)")
     gen.set_defaults(func=_generate)
 
-    chat = sub.add_parser("chat", help="Chat; the state is kept across turns.")
+    chat = command("chat", "Chat; the state is kept across turns.")
     _add_generation_args(chat)
-    chat.add_argument("--system", default=None, help="text read first")
+    chat.add_argument(
+        "--system", default=None, help="text the model reads first"
+    )
     chat.set_defaults(func=_chat)
 
-    convert = sub.add_parser(
+    convert = command(
         "convert",
-        help="Convert a BlinkDL RWKV6 .pth checkpoint to a KerasHub preset.",
+        "Convert a BlinkDL RWKV6 .pth checkpoint to a KerasHub preset.",
     )
     convert.add_argument("source", help="path to RWKV-x060-*.pth")
     convert.add_argument("output_dir", help="preset directory to write")
@@ -254,18 +439,71 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    args = build_parser().parse_args(argv)
-    from keras_rwkv.convert import CheckpointError
+def _version():
+    from keras_rwkv import __version__
 
+    return __version__
+
+
+class CommandError(Exception):
+    """A failure the command explains in its message (no traceback)."""
+
+
+log = logging.getLogger("keras_rwkv")
+
+
+def _setup_logging(verbose):
+    if not any(getattr(h, "_keras_rwkv_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._keras_rwkv_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        # JAX's own "no GPU/TPU found" notice: our kernel line says it.
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+
+
+def _explained_errors():
+    """Errors whose message says what went wrong and what to do."""
+    from keras_rwkv.convert import CheckpointError
+    from keras_rwkv.utils.preset_cache import PresetDownloadError
+
+    return (
+        CommandError,
+        CheckpointError,
+        PresetDownloadError,
+        FileExistsError,
+        FileNotFoundError,
+    )
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if entry.choice is not None and entry.choice[0] not in entry.BACKENDS:
+        print(
+            f"error: KERAS_BACKEND={entry.choice[0]!r} is not a backend this "
+            f"command runs on; use one of {', '.join(entry.BACKENDS)}.",
+            file=sys.stderr,
+        )
+        return 2
     try:
         args.func(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - one or two lines, not a traceback
+        if args.verbose:
+            traceback.print_exc()
+        if isinstance(e, _explained_errors()):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(
+            f"error: {type(e).__name__}: {e}\n"
+            "(run again with --verbose for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

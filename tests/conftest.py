@@ -7,6 +7,8 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Tests compile in clean processes; the cache has tests of its own.
+os.environ.setdefault("KERAS_RWKV_COMPILATION_CACHE", "0")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

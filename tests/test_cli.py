@@ -171,5 +171,7 @@ def test_chat_bad_state_file(preset, tmp_path, monkeypatch, capsys):
 
 
 def test_missing_preset(capsys):
-    with pytest.raises(SystemExit, match="cannot load preset"):
-        main(["generate", "--preset", "/nonexistent/dir", "x"])
+    assert main(["generate", "--preset", "/nonexistent/dir", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot load preset '/nonexistent/dir'")
+    assert "Traceback" not in err

@@ -78,6 +78,35 @@ def test_batch_of_different_lengths_equals_each_alone(blinkdl_pair):
         assert generated(batch, 12)[i] == generated(alone, 12)[0]
 
 
+def test_max_length_is_each_rows_total_length(blinkdl_pair):
+    # KerasHub's meaning: a short prompt in a mixed batch gets as many new
+    # tokens as alone, and the batch equals each prompt alone.
+    _, backbone = blinkdl_pair
+    lm = id_lm(backbone)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40], [77, 78, 79]]
+    batch = lm.generate(as_ids(*prompts), max_length=20, stop_token_ids=None)
+    for i, p in enumerate(prompts):
+        alone = lm.generate(as_ids(p), max_length=20, stop_token_ids=None)
+        kept = batch["token_ids"][i][batch["padding_mask"][i]].tolist()
+        assert len(kept) == 20
+        assert kept == alone["token_ids"][0][alone["padding_mask"][0]].tolist()
+        assert kept[: len(p)] == p
+    # The returned state covers each row's own output, nothing past it.
+    _, state = lm.generate(
+        as_ids(*prompts), max_length=20, stop_token_ids=None, return_state=True
+    )
+    for i, p in enumerate(prompts):
+        _, alone = lm.generate(
+            as_ids(p), max_length=20, stop_token_ids=None, return_state=True
+        )
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(state.wkv)[i],
+            ops.convert_to_numpy(alone.wkv)[0],
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
 def test_top_k_with_seed_is_unchanged_by_extra_padding(blinkdl_pair):
     _, backbone = blinkdl_pair
     prompts = [[5, 6, 7, 8, 9], [40, 41]]
@@ -192,11 +221,25 @@ def test_streaming_delivers_every_token(blinkdl_pair):
 def test_bucketing_reuses_the_compiled_program(blinkdl_pair):
     _, backbone = blinkdl_pair
     lm = id_lm(backbone)
+    lm.generate(as_ids([1]), max_new_tokens=5, stop_token_ids=None)
+    # One program reads the prompt, one decodes.
+    programs = set(lm._compiled_functions)
+    assert len(programs) == 2
     for prompt in ([1, 2, 3], [1, 2, 3, 4, 5], [9] * 11):
         lm.generate(as_ids(prompt), max_new_tokens=5, stop_token_ids=None)
-    assert len(lm._compiled_functions) == 1
+    assert set(lm._compiled_functions) == programs
     lm.generate(as_ids([1, 2]), max_new_tokens=7, stop_token_ids=None)
-    assert len(lm._compiled_functions) == 1  # same budget bucket
+    assert set(lm._compiled_functions) == programs  # same budget bucket
+    # Streaming runs the same decode program, segment by segment.
+    steps = []
+    lm.generate(
+        as_ids([1, 2]),
+        max_new_tokens=9,
+        stop_token_ids=None,
+        stream=steps.append,
+    )
+    assert len(steps) == 9
+    assert set(lm._compiled_functions) == programs
 
 
 def test_beam_search_runs_and_contrastive_is_refused(blinkdl_pair):

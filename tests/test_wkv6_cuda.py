@@ -51,7 +51,7 @@ def _fake_nvcc(tmp_path, exit_code=0):
 
 
 def test_cache_key_follows_sources_arch_and_framework(tmp_path, monkeypatch):
-    monkeypatch.setenv(build.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv("KERAS_RWKV_CACHE", str(tmp_path))
     a = build.library_path("torch", "90", "torch2.11")
     assert a.parent == tmp_path
     assert "sm90" in a.name and a.name.startswith("wkv6_torch_")
@@ -68,7 +68,7 @@ def test_build_runs_nvcc_once_then_uses_the_cache(
 ):
     nvcc, log = _fake_nvcc(tmp_path)
     monkeypatch.setenv("CUDA_HOME", str(nvcc.parent.parent))
-    monkeypatch.setenv(build.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setenv("KERAS_RWKV_CACHE", str(tmp_path / "cache"))
     assert build.find_nvcc() == str(nvcc)
     path = build.build("jax", "90", "jax-test", include_dirs=["/xla/inc"])
     assert path.is_file()
@@ -84,14 +84,14 @@ def test_build_runs_nvcc_once_then_uses_the_cache(
 def test_build_failure_reports_the_compiler_output(tmp_path, monkeypatch):
     nvcc, _ = _fake_nvcc(tmp_path, exit_code=2)
     monkeypatch.setenv("CUDA_HOME", str(nvcc.parent.parent))
-    monkeypatch.setenv(build.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setenv("KERAS_RWKV_CACHE", str(tmp_path / "cache"))
     with pytest.raises(CudaKernelUnavailable, match="planted failure"):
         build.build("torch", "90", "torch-test", quiet=True)
     assert not list((tmp_path / "cache").glob("*"))
 
 
 def test_missing_nvcc_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv(build.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv("KERAS_RWKV_CACHE", str(tmp_path))
     monkeypatch.setattr(build, "find_nvcc", lambda: None)
     with pytest.raises(CudaKernelUnavailable, match="needs nvcc"):
         build.build("torch", "90", "torch-test")
@@ -102,7 +102,7 @@ def test_missing_nvcc_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flavor", ["torch", "jax"])
 def test_sources_compile(tmp_path, monkeypatch, flavor):
     # Compiles for sm_90 whether or not a GPU is here.
-    monkeypatch.setenv(build.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv("KERAS_RWKV_CACHE", str(tmp_path))
     include = []
     if flavor == "jax":
         jax = pytest.importorskip("jax")

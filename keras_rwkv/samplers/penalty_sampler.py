@@ -195,6 +195,29 @@ class PenaltySampler(Sampler):
             logits = ops.where(ban[None, :], -float("inf"), logits)
         return logits / self.penalty_temperature
 
+    def penalize(self, logits, tokens, index, start, prompt_mask):
+        """`apply_penalties` at step `index` of a token buffer.
+
+        Args:
+            logits: `[B, V]`.
+            tokens: `[B, L]` the token buffer; negative ids are padding.
+            index: the column being generated; earlier ones are read.
+            start: the first generated column.
+            prompt_mask: `[B, L]` (or `[1, L]`) bool, the prompt region.
+
+        Returns:
+            `[B, V]` float32 logits.
+        """
+        columns = ops.arange(ops.shape(tokens)[1], dtype="int32")[None]
+        real = tokens >= 0
+        generated = ops.logical_and(columns >= start, columns < index)
+        generated = ops.logical_and(generated, real)
+        read = ops.logical_and(prompt_mask, columns < index)
+        read = ops.logical_or(ops.logical_and(read, real), generated)
+        return self.apply_penalties(
+            logits, ops.maximum(tokens, 0), read, generated
+        )
+
     def __call__(
         self,
         next,
@@ -219,14 +242,7 @@ class PenaltySampler(Sampler):
             # Beam search repeats rows; follow its layout.
             repeats = ops.shape(tokens)[0] // ops.shape(prompt_mask)[0]
             read = ops.repeat(prompt_mask, repeats, axis=0)
-            columns = ops.arange(ops.shape(tokens)[1], dtype="int32")[None]
-            generated = ops.logical_and(columns >= start, columns < index)
-            # Negative ids mark padding inside the prompt region.
-            read = ops.logical_and(read, columns < index)
-            read = ops.logical_or(ops.logical_and(read, tokens >= 0), generated)
-            logits = self.apply_penalties(
-                logits, ops.maximum(tokens, 0), read, generated
-            )
+            logits = self.penalize(logits, tokens, index, start, read)
             return logits, hidden, cache
 
         return self.sampler(

@@ -14,7 +14,8 @@ thin wrapper around `get_file` makes sure that directory exists first:
    interrupted or failed run leaves no cache entry; the download itself is
    then deleted (set `KERAS_RWKV_KEEP_DOWNLOADS=1` to keep it).
 
-The cache lives in `~/.cache/keras_rwkv`, or `$KERAS_RWKV_CACHE`.
+The cache lives under the cache root (`settings.py`): by default
+`~/.cache/keras_rwkv`, or `$KERAS_RWKV_CACHE`.
 """
 
 import contextlib
@@ -25,7 +26,8 @@ import os
 import shutil
 from importlib import resources
 
-CACHE_ENV_VAR = "KERAS_RWKV_CACHE"
+from keras_rwkv.utils import settings
+
 KEEP_DOWNLOADS_ENV_VAR = "KERAS_RWKV_KEEP_DOWNLOADS"
 MANIFEST_FILE = "rwkv6_world.json"
 
@@ -54,10 +56,7 @@ MANIFEST = load_manifest()
 
 
 def cache_root():
-    root = os.environ.get(CACHE_ENV_VAR) or os.path.join(
-        os.path.expanduser("~"), ".cache", "keras_rwkv"
-    )
-    return os.path.abspath(root)
+    return settings.cache_root()
 
 
 def preset_dir(name):

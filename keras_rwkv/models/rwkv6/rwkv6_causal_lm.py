@@ -5,7 +5,6 @@ import keras
 import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
-from keras_hub.samplers import BeamSampler
 from keras_hub.samplers import ContrastiveSampler
 from keras_hub.samplers import SpeculativeSampler
 
@@ -13,7 +12,15 @@ from keras_rwkv.models.rwkv6.rwkv6_backbone import RWKV6Backbone
 from keras_rwkv.models.rwkv6.rwkv6_causal_lm_preprocessor import (
     RWKV6CausalLMPreprocessor,
 )
+from keras_rwkv.models.rwkv6.rwkv6_decoding import decode_steps
+from keras_rwkv.models.rwkv6.rwkv6_decoding import has_own_loop
+from keras_rwkv.models.rwkv6.rwkv6_decoding import kept_mask
+from keras_rwkv.models.rwkv6.rwkv6_decoding import left_pad
+from keras_rwkv.models.rwkv6.rwkv6_decoding import sampler_loop
 from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
+
+# Streaming: the longest segment decoded between two deliveries.
+STREAM_SEGMENT = 16
 
 
 def bucket_length(n):
@@ -125,15 +132,6 @@ class RWKV6CausalLM(CausalLM):
         texts = [inputs] if scalar else list(inputs)
         return self.preprocessor.tokenizer(texts), scalar
 
-    def _left_pad(self, rows, length):
-        ids = np.zeros((len(rows), length), "int32")
-        mask = np.zeros((len(rows), length), "int32")
-        for i, row in enumerate(rows):
-            if row:
-                ids[i, length - len(row) :] = row
-                mask[i, length - len(row) :] = 1
-        return ids, mask
-
     def _stop_ids(self, stop_token_ids):
         if stop_token_ids == "auto":
             if self.preprocessor is None:
@@ -232,15 +230,21 @@ class RWKV6CausalLM(CausalLM):
         """
         rows, _ = self._prompt_rows(inputs)
         length = bucket_length(max(1, max(len(r) for r in rows)))
-        ids, mask = self._left_pad(rows, length)
-        state = self._prepare_state(state, len(rows))
+        ids = left_pad(rows, length, fill=-1)
+        return self._read(ids, self._prepare_state(state, len(rows)))
 
-        def fn(ids, mask, state):
-            _, _, new_state = self.call_with_state(ids, mask, state)
+    def _read(self, ids, state):
+        """The state after reading the `[B, T]` ids (-1 for pads), one
+        compiled program per shape."""
+
+        def fn(ids, state):
+            _, _, new_state = self.call_with_state(
+                ops.maximum(ids, 0), ops.cast(ids >= 0, "int32"), state
+            )
             return new_state
 
-        key = ("prefill", ids.shape, state is None)
-        return self._compiled(key, fn)(ids, mask, state)
+        key = ("read", ids.shape, state is None)
+        return self._compiled(key, fn)(ids, state)
 
     # --- generate ---------------------------------------------------------
 
@@ -255,10 +259,11 @@ class RWKV6CausalLM(CausalLM):
                 "context, which a recurrent model does not keep. Use greedy, "
                 "top_k, top_p, random or beam."
             )
-        if stream is not None and isinstance(inner, BeamSampler):
+        if stream is not None and has_own_loop(self.sampler):
             raise ValueError(
-                "Streaming is not available with beam search: beams are "
-                "only ranked at the end."
+                f"Streaming is not available with {type(inner).__name__}: "
+                "it runs a loop of its own (beams are only ranked at the "
+                "end)."
             )
 
     def generate(
@@ -283,9 +288,10 @@ class RWKV6CausalLM(CausalLM):
             inputs: a string, a list of strings, or preprocessed token ids
                 `{"token_ids": [B, T], "padding_mask": [B, T]}` (then token
                 ids come back, with or without a preprocessor).
-            max_length: int. KerasHub's meaning: the total length, prompt
-                included, counted for the longest prompt of the batch, i.e.
-                `max_length - longest_prompt` new tokens. Defaults to the
+            max_length: int. KerasHub's meaning: each row's total length,
+                its prompt included, so a row of `n` prompt tokens gets up
+                to `max_length - n` new tokens, in a batch as alone (a
+                `state` passed in does not count). Defaults to the
                 preprocessor's `sequence_length`. Must exceed the longest
                 prompt.
             stop_token_ids: `"auto"` (the end token, id 0), `None` (always
@@ -297,11 +303,12 @@ class RWKV6CausalLM(CausalLM):
                 from, e.g. from `prefill`.
             return_state: also return the state after the output (prompt
                 and generated tokens, up to and including a stop token).
-            max_new_tokens: int. Number of new tokens, instead of
-                `max_length`.
+            max_new_tokens: int. The number of new tokens for every row,
+                instead of `max_length`.
             stream: a callable receiving each newly generated step as an
                 int array `[B]`, as soon as it is produced (not with beam
-                search).
+                search). A row that has ended (its stop token, or its own
+                `max_length`) may still receive tokens: ignore them.
 
         Returns:
             Text (a string for a single string prompt, else a list), or a
@@ -324,50 +331,30 @@ class RWKV6CausalLM(CausalLM):
                     "needs at least one new token to predict from."
                 )
             rows = [r if r else [0] for r in rows]
-        longest = max(len(r) for r in rows)
-        num_new = self._num_new_tokens(longest, max_length, max_new_tokens)
+        lengths = [len(r) for r in rows]
+        row_limits = self._new_token_counts(lengths, max_length, max_new_tokens)
         stop_ids = self._stop_ids(stop_token_ids)
 
-        prompt_len = bucket_length(longest)
-        budget = bucket_length(num_new)
-        ids, mask = self._left_pad(rows, prompt_len)
-        state = self._prepare_state(state, len(rows))
-
-        reporter = _StreamReporter(stream) if stream is not None else None
-
-        def fn(ids, mask, state, limit):
-            return self._generate_batch(
-                ids,
-                mask,
-                state,
-                limit,
-                budget,
-                stop_ids,
-                return_state,
-                reporter,
-            )
-
-        key = (
-            "generate",
-            ids.shape,
-            budget,
-            stop_ids,
-            state is None,
-            return_state,
-            reporter is not None,
+        # Bucketed shapes, so that nearby lengths share compiled programs.
+        prompt_len = bucket_length(max(lengths))
+        width = prompt_len + bucket_length(max(row_limits)) + 1
+        tokens = left_pad(rows, prompt_len, width, fill=-1)
+        row_end = prompt_len + np.asarray(row_limits, "int32")
+        state = self._read(
+            tokens[:, : prompt_len - 1], self._prepare_state(state, len(rows))
         )
-        limit = np.array(num_new, "int32")
-        out = self._compiled(key, fn)(ids, mask, state, limit)
-        token_ids, padding_mask = out["token_ids"], out["padding_mask"]
-        if reporter is not None:
-            reporter.finish(
-                token_ids, padding_mask, prompt_len + budget - num_new
+        if has_own_loop(self.sampler):
+            tokens, state = self._sampler_loop(
+                tokens, state, row_end, prompt_len, stop_ids, return_state
             )
+        else:
+            tokens, state = self._decode(
+                tokens, state, row_end, prompt_len, stop_ids, stream
+            )
+        kept = kept_mask(tokens, prompt_len, stop_ids)
         if strip_prompt:
-            padding_mask = ops.logical_and(
-                padding_mask, ops.logical_not(out["prompt_mask"])
-            )
-        outputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+            kept[:, :prompt_len] = False
+        outputs = {"token_ids": np.maximum(tokens, 0), "padding_mask": kept}
         if text_out:
             outputs = self.preprocessor.generate_postprocess(outputs)
             if scalar:
@@ -377,16 +364,75 @@ class RWKV6CausalLM(CausalLM):
             if scalar:
                 outputs = {k: v[0] for k, v in outputs.items()}
         if return_state:
-            return outputs, out["state"]
+            return outputs, state
         return outputs
 
-    def _num_new_tokens(self, longest, max_length, max_new_tokens):
+    def _decode(self, tokens, state, row_end, prompt_len, stop_ids, stream):
+        """Runs `decode_steps` until every row ended: in one call, or in
+        growing segments (1, 2, 4, ... 16 tokens) when streaming, each
+        delivered as soon as it is back on the host."""
+
+        def fn(tokens, state, index, finished, segment_end, row_end):
+            return decode_steps(
+                self,
+                tokens,
+                state,
+                index,
+                finished,
+                segment_end,
+                row_end,
+                prompt_len,
+                stop_ids,
+            )
+
+        decode = self._compiled(("decode", tokens.shape, stop_ids), fn)
+        index, width = prompt_len, tokens.shape[1]
+        finished = np.zeros((tokens.shape[0],), bool)
+        segment = 1
+        while True:
+            end = width if stream is None else min(index + segment, width)
+            tokens, state, new_index, finished = decode(
+                tokens, state, np.int32(index), finished, np.int32(end), row_end
+            )
+            new_index = int(ops.convert_to_numpy(new_index))
+            done = bool(np.all(ops.convert_to_numpy(finished)))
+            if stream is not None:
+                host = np.asarray(ops.convert_to_numpy(tokens))
+                for column in range(index, new_index):
+                    if (host[:, column] >= 0).any():
+                        stream(host[:, column])
+            index, segment = new_index, min(2 * segment, STREAM_SEGMENT)
+            if done:
+                return np.asarray(ops.convert_to_numpy(tokens)), state
+
+    def _sampler_loop(
+        self, tokens, state, row_end, prompt_len, stop_ids, return_state
+    ):
+        """Generation with the sampler's own loop (beam search); the state
+        is then read again over the chosen output."""
+
+        def fn(tokens, state, row_end):
+            return sampler_loop(
+                self, tokens, state, row_end, prompt_len, stop_ids
+            )
+
+        key = ("sampler_loop", tokens.shape, stop_ids)
+        out = self._compiled(key, fn)(tokens, state, row_end)
+        out = np.asarray(ops.convert_to_numpy(out))
+        out = np.where(kept_mask(out, prompt_len, stop_ids), out, -1)
+        if return_state:
+            state = self._read(out[:, prompt_len - 1 :], state)
+        return out, state
+
+    def _new_token_counts(self, lengths, max_length, max_new_tokens):
+        """How many new tokens each row may get (rows of `lengths`
+        prompt tokens)."""
         if max_new_tokens is not None:
             if max_length is not None:
                 raise ValueError("Pass max_length or max_new_tokens, not both.")
             if max_new_tokens < 1:
                 raise ValueError("max_new_tokens must be >= 1.")
-            return int(max_new_tokens)
+            return [int(max_new_tokens)] * len(lengths)
         if max_length is None:
             if self.preprocessor is None:
                 raise ValueError(
@@ -394,103 +440,14 @@ class RWKV6CausalLM(CausalLM):
                     "preprocessor to take a default sequence_length from)."
                 )
             max_length = self.preprocessor.sequence_length
+        longest = max(lengths)
         if max_length <= longest:
             raise ValueError(
                 f"max_length={max_length} leaves no room to generate: the "
                 f"longest prompt has {longest} tokens and max_length counts "
                 "the prompt too. Raise max_length or use max_new_tokens."
             )
-        return int(max_length - longest)
-
-    def _generate_batch(
-        self,
-        ids,
-        mask,
-        state,
-        limit,
-        budget,
-        stop_ids,
-        return_state,
-        reporter,
-    ):
-        """The compiled part of `generate`: prefill, sampler loop, outputs.
-
-        Layout of the token buffer (length P + budget): the left-padded
-        prompt without its last token, then pads, then the held-back last
-        prompt token at column s - 1 and `limit` generation slots from
-        column s = P + budget - limit. The loop starts at s, so a dynamic
-        `limit` needs no recompilation.
-        """
-        batch, prompt_len = ops.shape(ids)[0], ids.shape[1]
-        total = prompt_len + budget
-        start = total - ops.cast(limit, "int32")
-        tail = ops.zeros((batch, budget + 1), "int32")
-        tokens = ops.concatenate([ids[:, :-1], tail], axis=1)
-        read = ops.concatenate([mask[:, :-1], tail], axis=1)
-        tokens = ops.slice_update(tokens, [0, start - 1], ids[:, -1:])
-        read = ops.slice_update(read, [0, start - 1], mask[:, -1:])
-        read = ops.cast(read, "bool")
-        columns = ops.arange(total, dtype="int32")[None, :]
-        before_start = columns < start
-        # Everything but real prompt tokens holds id -1 until written: never
-        # a stop token (pad and end of text are both 0 in RWKV World), and
-        # samplers (PenaltySampler) can tell pads from real prompt tokens.
-        # The whole region before `start` is the sampler's "prompt" (never
-        # written, never searched for stop tokens).
-        tokens = ops.where(read, tokens, -1)
-
-        if state is None:
-            state = self.backbone.initial_state(batch)
-        if prompt_len > 1:
-            _, state = self.backbone.call_with_state(
-                ids[:, :-1], mask[:, :-1], state
-            )
-        prompt_state = state
-
-        def next(tokens, state, index):
-            rows = ops.shape(tokens)[0]
-            token = ops.slice(tokens, [0, index - 1], [rows, 1])
-            if reporter is not None:
-                reporter.report(token[:, 0], index - 1 >= start)
-            logits, hidden, state = self.call_with_state(
-                token, ops.ones_like(token), state
-            )
-            return logits[:, 0], hidden[:, 0], state
-
-        tokens = self.sampler(
-            next=next,
-            prompt=tokens,
-            cache=state,
-            index=start,
-            mask=ops.broadcast_to(before_start, ops.shape(tokens)),
-            stop_token_ids=stop_ids,
-            model=self,
-        )
-        tokens = ops.maximum(tokens, 0)  # pads back to id 0
-
-        generated = ops.logical_not(before_start)
-        keep = ops.logical_or(read, generated)
-        if stop_ids is not None:
-            from keras_hub.src.utils.tensor_utils import any_equal
-
-            ends = ops.cast(any_equal(tokens, stop_ids, generated), "int32")
-            after_end = ops.cumsum(ends, axis=1) - ends
-            keep = ops.logical_and(keep, ops.equal(after_end, 0))
-        out = {
-            "token_ids": tokens,
-            "padding_mask": keep,
-            "prompt_mask": ops.logical_and(read, ops.logical_not(generated)),
-        }
-        if return_state:
-            # Read what the loop produced (one chunked pass) so the state
-            # covers exactly the output, whatever the sampler did.
-            from_col = prompt_len - 1
-            _, out["state"] = self.backbone.call_with_state(
-                tokens[:, from_col:],
-                ops.cast(keep[:, from_col:], "int32"),
-                prompt_state,
-            )
-        return out
+        return [int(max_length - n) for n in lengths]
 
 
 def _replicate_over_processes(outputs):
@@ -562,43 +519,3 @@ def _compact(outputs):
             out_ids[i, width - len(row) :] = row
             out_mask[i, width - len(row) :] = True
     return {"token_ids": out_ids, "padding_mask": out_mask}
-
-
-class _StreamReporter:
-    """Delivers generated tokens to a callback from inside the loop (a JAX
-    ordered host callback under jit, a plain call elsewhere)."""
-
-    def __init__(self, callback):
-        self.callback = callback
-        self.sent = 0
-
-    def _deliver(self, tokens, is_generated):
-        if bool(np.asarray(is_generated)):
-            self.callback(np.asarray(tokens))
-            self.sent += 1
-
-    def report(self, tokens, is_generated):
-        if keras.config.backend() == "jax":
-            import jax
-
-            jax.debug.callback(
-                self._deliver, tokens, is_generated, ordered=True
-            )
-        else:
-            self._deliver(
-                ops.convert_to_numpy(tokens),
-                ops.convert_to_numpy(is_generated),
-            )
-
-    def finish(self, token_ids, padding_mask, start):
-        """Sends the steps the loop produced but did not feed back: the
-        last one, up to the last kept column."""
-        if keras.config.backend() == "jax":
-            import jax
-
-            jax.effects_barrier()
-        token_ids = np.asarray(ops.convert_to_numpy(token_ids))
-        kept = np.asarray(ops.convert_to_numpy(padding_mask)).any(axis=0)
-        end = int(np.nonzero(kept)[0].max()) + 1 if kept.any() else 0
-        for column in range(start + self.sent, end):
-            self.callback(token_ids[:, column])

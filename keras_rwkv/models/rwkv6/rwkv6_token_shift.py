@@ -51,6 +51,11 @@ def token_shift(x, shift_state, prev_index, last_index):
     Returns:
         `(previous [B, T, C], new_shift_state [B, C])`.
     """
+    if x.shape[1] is not None:
+        # TensorFlow's associative scan (in `shift_indices`) loses the
+        # static shape, which the gathers below need.
+        prev_index = ops.reshape(prev_index, (-1, x.shape[1]))
+        last_index = ops.reshape(last_index, (-1,))
     state = ops.cast(shift_state, x.dtype)
     extended = ops.concatenate([state[:, None, :], x], axis=1)
     # One row a batch: its gradient is cheap, unlike the general gather's.

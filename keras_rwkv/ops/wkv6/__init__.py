@@ -13,7 +13,8 @@ Differentiable in every input, `initial_state` included.
 
 `kernel="auto"` runs the CUDA kernel (`cuda/`, built with nvcc on first
 use) on the jax and torch backends when a GPU and nvcc (or a cached build)
-are there, and the Python path otherwise; it says once which it chose.
+are there, and the Python path otherwise; it logs once which it chose
+(INFO on the "keras_rwkv" logger; a warning where a GPU goes unused).
 `KERAS_RWKV_WKV_KERNEL=python|cuda` forces either. Decoding (T = 1) stays
 on the Python step under "auto": XLA fuses it into the surrounding layer.
 At small batch the CUDA path also splits the sequence into time segments
@@ -21,8 +22,8 @@ run as extra rows (`time_split.py`; `KERAS_RWKV_WKV6_SEGMENTS` forces the
 count).
 """
 
+import logging
 import os
-import sys
 
 import keras
 from keras import ops
@@ -39,14 +40,33 @@ KERNEL_ENV_VAR = "KERAS_RWKV_WKV_KERNEL"
 # Head sizes the CUDA kernel is instantiated for (wkv6_kernels.cuh).
 CUDA_HEAD_SIZES = (8, 16, 32, 64, 128)
 
+logger = logging.getLogger("keras_rwkv")
 _announced = set()
 
 
+def gpu_present():
+    """Whether this machine has an NVIDIA GPU (whatever the frameworks
+    see): where there is none, the Python path is no news."""
+    gpus = "/proc/driver/nvidia/gpus"
+    return os.path.exists("/dev/nvidia0") or (
+        os.path.isdir(gpus) and bool(os.listdir(gpus))
+    )
+
+
 def _announce(choice, detail):
-    # Once per (choice, reason): a model calls the op in every layer.
-    if (choice, detail) not in _announced:
-        _announced.add((choice, detail))
-        print(f"keras_rwkv: WKV6 kernel {choice!r}: {detail}", file=sys.stderr)
+    # Once per (choice, reason): a model calls the op in every layer. The
+    # details go to the "keras_rwkv" logger at INFO (`--verbose`); a
+    # warning only where a GPU sits unused.
+    if (choice, detail) in _announced:
+        return
+    _announced.add((choice, detail))
+    logger.info("keras_rwkv: WKV6 kernel %r: %s", choice, detail)
+    if choice == "python" and gpu_present():
+        logger.warning(
+            "keras_rwkv: this machine has a GPU, but the CUDA WKV kernel is "
+            "not used (the Python path is slower). Why: --verbose, or "
+            "logging.getLogger('keras_rwkv').setLevel('INFO')."
+        )
 
 
 def resolve_kernel(kernel="auto"):

@@ -129,9 +129,14 @@ def wkv6_chunked(r, k, v, log_w, u, state, chunk_size=DEFAULT_CHUNK_SIZE):
         widths = [[0, 0], [0, pad], [0, 0], [0, 0]]
         r, k, v, log_w = (ops.pad(x, widths) for x in (r, k, v, log_w))
 
+    # A static chunk count where T is static: TensorFlow's associative
+    # scan needs a static scan length when the batch is not.
+    num_chunks = -1 if static_t is None else -(-static_t // chunk_size)
+
     def to_chunks(x):
         # [B, T, H, N] -> [B, H, C, L, N]
-        x = ops.reshape(x, (batch, -1, chunk_size, num_heads, head_size))
+        shape = (batch, num_chunks, chunk_size, num_heads, head_size)
+        x = ops.reshape(x, shape)
         return ops.transpose(x, (0, 3, 1, 2, 4))
 
     r, k, v, log_w = (to_chunks(x) for x in (r, k, v, log_w))

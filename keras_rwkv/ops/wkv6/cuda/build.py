@@ -3,8 +3,9 @@
 The cache file name carries a hash of the kernel sources, the binding
 flavour ("jax" or "torch"), the GPU architecture and the framework version,
 so a change of any of them builds a fresh library and stale ones are never
-loaded. Set `KERAS_RWKV_CACHE_DIR` to move the cache (default
-`~/.cache/keras_rwkv`), and `CUDA_HOME` (or `PATH`) to choose nvcc.
+loaded. Set `KERAS_RWKV_CACHE` to move the cache (default
+`~/.cache/keras_rwkv`, see `keras_rwkv.utils.settings`), and `CUDA_HOME`
+(or `PATH`) to choose nvcc.
 """
 
 import hashlib
@@ -15,10 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from keras_rwkv.utils import settings
+
 SOURCE_DIR = Path(__file__).resolve().parent
 KERNELS = "wkv6_kernels.cuh"
 FLAVOR_SOURCES = {"jax": "wkv6_jax_ffi.cu", "torch": "wkv6_c_api.cu"}
-CACHE_ENV_VAR = "KERAS_RWKV_CACHE_DIR"
 
 
 class CudaKernelUnavailable(RuntimeError):
@@ -46,17 +48,13 @@ def find_nvcc():
 
 
 def cache_dir():
-    """Returns the cache directory (not created).
+    """Returns the cache directory (not created): the cache root
+    (`keras_rwkv.utils.settings`).
 
     Returns:
         A `Path`.
     """
-    env = os.environ.get(CACHE_ENV_VAR)
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    root = Path(xdg) if xdg else Path.home() / ".cache"
-    return root / "keras_rwkv"
+    return Path(settings.cache_root())
 
 
 def source_files(flavor):

@@ -1,0 +1,179 @@
+"""The decoding loop of `RWKV6CausalLM.generate`, and its token buffer.
+
+The token buffer is `[B, W]` int32 with `W = P + budget + 1`: the prompts
+left-padded in columns `[0, P)`, generation slots from column `P`, one
+scratch column. Every id not (yet) a real token is -1, so a buffer is its
+own mask: pads, unwritten slots and everything after a row's end are -1.
+
+`decode_steps` runs the loop from a column `index` up to `segment_end` (a
+runtime value, so one compiled program serves every segment): each step
+feeds the token at `index - 1` (masked when it is -1, which leaves the
+state untouched), picks the next token with the KerasHub sampler's public
+step API (`compute_probabilities`, `get_next_token`, `run_loop`) and writes
+it. A row ends after its stop token or its last slot has been *fed*, so
+the state the loop carries covers exactly each row's output. The state
+stays inside the loop, unlike KerasHub's `Sampler.__call__`, which drops
+its cache; and no host callback runs inside, so the compiled program can
+be kept in JAX's persistent compilation cache. Streaming is segment by
+segment on the host.
+
+Samplers that run a loop of their own (beam search) go through
+`sampler_loop` instead: KerasHub's `Sampler.__call__`, with the slots past
+each row's limit protected.
+"""
+
+import numpy as np
+from keras import ops
+from keras_hub.samplers import Sampler
+
+from keras_rwkv.samplers.penalty_sampler import PenaltySampler
+
+
+def left_pad(rows, length, width=None, fill=0):
+    """Prompts left-padded into `[len(rows), width]` int32 (`width`
+    defaults to `length`); the real tokens end at column `length - 1`."""
+    width = width or length
+    ids = np.full((len(rows), width), fill, "int32")
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, length - len(row) : length] = row
+    return ids
+
+
+def kept_mask(tokens, prompt_len, stop_ids):
+    """`[B, W]` bool: the real tokens of each row's output (prompt, then
+    generated up to and including its first stop token)."""
+    tokens = np.asarray(tokens)
+    kept = tokens >= 0
+    if stop_ids:
+        generated = np.arange(tokens.shape[1])[None] >= prompt_len
+        ends = np.isin(tokens, stop_ids) & generated & kept
+        kept &= (np.cumsum(ends, axis=1) - ends) == 0
+    return kept
+
+
+def _picker(sampler):
+    """`(penalties or None, the sampler that picks tokens)`."""
+    if isinstance(sampler, PenaltySampler):
+        return sampler, sampler.sampler
+    return None, sampler
+
+
+def has_own_loop(sampler):
+    """Whether the sampler replaces KerasHub's step loop (beam search)."""
+    _, picker = _picker(sampler)
+    return type(picker).__call__ is not Sampler.__call__
+
+
+def _is_stop(token, stop_ids):
+    if not stop_ids:
+        return ops.zeros_like(token, "bool")
+    stops = ops.convert_to_tensor(np.asarray(stop_ids, "int32"))
+    return ops.any(ops.equal(token[:, None], stops[None, :]), axis=1)
+
+
+def decode_steps(
+    lm,
+    tokens,
+    state,
+    index,
+    finished,
+    segment_end,
+    row_end,
+    prompt_len,
+    stop_ids,
+):
+    """Decodes columns `index ..` until `segment_end` or every row ended.
+
+    Args:
+        lm: the `RWKV6CausalLM` (its sampler and `call_with_state`).
+        tokens: `[B, W]` int32 token buffer.
+        state: the `RWKV6State` after the tokens before column `index - 1`.
+        index: int32 scalar, the column to write next.
+        finished: `[B]` bool, rows that have ended.
+        segment_end: int32 scalar, stop before writing this column.
+        row_end: `[B]` int32, one past each row's last slot.
+        prompt_len: int, the first generation column `P`.
+        stop_ids: tuple of ids or None.
+
+    Returns:
+        `(tokens, state, index, finished)` where the loop stopped.
+    """
+    penalties, picker = _picker(lm.sampler)
+    width = tokens.shape[1]
+    prompt_mask = ops.arange(width, dtype="int32")[None, :] < prompt_len
+    row_end = ops.cast(row_end, "int32")
+
+    def cond(tokens, state, index, finished):
+        return ops.logical_and(
+            index < segment_end, ops.logical_not(ops.all(finished))
+        )
+
+    def body(tokens, state, index, finished):
+        rows = ops.shape(tokens)[0]
+        fed = ops.slice(tokens, [0, index - 1], [rows, 1])
+        logits, _, state = lm.call_with_state(
+            ops.maximum(fed, 0), ops.cast(fed >= 0, "int32"), state
+        )
+        logits = logits[:, 0]
+        if penalties is not None:
+            logits = penalties.penalize(
+                logits, tokens, index, prompt_len, prompt_mask
+            )
+        probabilities = picker.compute_probabilities(logits)
+        token = ops.cast(picker.get_next_token(probabilities), "int32")
+        # A row ends once its stop token or its last slot has been fed.
+        ended = ops.logical_or(
+            ops.logical_and(_is_stop(fed[:, 0], stop_ids), index > prompt_len),
+            index >= row_end,
+        )
+        finished = ops.logical_or(finished, ended)
+        token = ops.where(finished, -1, token)
+        tokens = ops.slice_update(tokens, [0, index], token[:, None])
+        return tokens, state, index + 1, finished
+
+    return lm.sampler.run_loop(
+        cond,
+        body,
+        model=lm,
+        loop_vars=(
+            tokens,
+            state,
+            ops.cast(index, "int32"),
+            ops.cast(finished, "bool"),
+        ),
+    )
+
+
+def sampler_loop(lm, tokens, state, row_end, prompt_len, stop_ids):
+    """The whole generation with the sampler's own loop (beam search).
+
+    KerasHub's loop runs to the end of the buffer; the slots past each
+    row's limit are protected (kept at -1, read as pads).
+
+    Returns:
+        The `[B, W]` token buffer (after a row's stop token it may hold
+        more tokens: `kept_mask` drops them).
+    """
+    width = tokens.shape[1]
+    columns = ops.arange(width, dtype="int32")[None, :]
+    row_end = ops.cast(row_end, "int32")[:, None]
+    protected = ops.logical_or(columns < prompt_len, columns >= row_end)
+
+    def next(tokens, state, index):
+        rows = ops.shape(tokens)[0]
+        fed = ops.slice(tokens, [0, index - 1], [rows, 1])
+        logits, hidden, state = lm.call_with_state(
+            ops.maximum(fed, 0), ops.cast(fed >= 0, "int32"), state
+        )
+        return logits[:, 0], hidden[:, 0], state
+
+    return lm.sampler(
+        next=next,
+        prompt=tokens,
+        cache=state,
+        index=prompt_len,
+        mask=protected,
+        stop_token_ids=stop_ids,
+        model=lm,
+    )
