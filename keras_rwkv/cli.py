@@ -14,6 +14,7 @@ import time
 import traceback
 
 from keras_rwkv import entry
+from keras_rwkv.utils import compile_cache
 
 DEFAULT_PRESET = "rwkv6_world_1.6b"
 CHAT_COMMANDS = """commands:
@@ -154,6 +155,13 @@ def _stream_generate(lm, prompt, args, stop_ids, state, out):
         stream=timed,
     )
     finish()
+    cache_counts = compile_cache.counts()
+    if cache_counts is not None:
+        log.info(
+            "compilation cache: %d programs loaded, %d compiled",
+            cache_counts["loaded"],
+            cache_counts["compiled"],
+        )
     if timing["first"] is not None:
         now, first = time.perf_counter(), timing["first"]
         rate = (timing["count"] - 1) / (now - first) if now > first else 0.0

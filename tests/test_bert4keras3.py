@@ -29,6 +29,7 @@ from keras_rwkv.convert import convert_checkpoint
 from keras_rwkv.convert.bert4keras3 import is_bert4keras3_dir
 from keras_rwkv.convert.bert4keras3 import load_bert4keras3_dir
 from keras_rwkv.models.rwkv6.rwkv6_tokenizer import VOCAB_FILENAME
+from tests.fake_network import resolve_every_name
 from tests.reference import relative_error
 
 TOL = 1e-4
@@ -398,6 +399,7 @@ def test_named_seed_preset_from_a_fake_modelscope(
 
     monkeypatch.setenv("KERAS_RWKV_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(file_download, "model_file_download", fake_download)
+    resolve_every_name(monkeypatch)
     backbone = RWKV6Backbone.from_preset("rwkv6_world_1.6b_bert4keras3")
     assert sorted(calls) == sorted(
         (source["modelscope_id"], f) for f in source["files"]

@@ -4,6 +4,7 @@ and KerasHub's own loaders for local and modelscope:// presets."""
 
 import importlib
 import os
+import shutil
 
 import keras_hub
 import numpy as np
@@ -20,6 +21,7 @@ from keras_rwkv.convert import CheckpointError
 from keras_rwkv.utils import preset_cache
 from keras_rwkv.utils.preset_cache import MANIFEST
 from keras_rwkv.utils.preset_cache import PresetDownloadError
+from tests.fake_network import resolve_every_name
 from tests.reference import random_rwkv6_state_dict
 
 NAME = "rwkv6_world_1.6b"
@@ -81,6 +83,7 @@ def fake_hub(monkeypatch, tmp_path, tiny_pth):
         {("Blink_DL/rwkv-6-world", FILE): tiny_pth.read_bytes()}
     )
     monkeypatch.setattr(file_download, "model_file_download", fake)
+    resolve_every_name(monkeypatch)
     return fake
 
 
@@ -135,6 +138,20 @@ def test_download_failure_says_how_to_load_locally(fake_hub, tmp_path):
     with pytest.raises(PresetDownloadError, match="keras-rwkv convert"):
         RWKV6CausalLM.from_preset(NAME)
     assert not preset_cache.is_cached(NAME)
+    # Nothing left behind: the cache root did not exist before.
+    assert not (tmp_path / "cache").exists()
+
+
+def test_too_little_disk_space_fails_before_downloading(
+    fake_hub, tmp_path, monkeypatch
+):
+    free = preset_cache.MANIFEST[NAME]["params"]  # half of the download
+    usage = shutil.disk_usage(tmp_path)._replace(free=free)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    with pytest.raises(PresetDownloadError, match="Not enough disk space"):
+        RWKV6CausalLM.from_preset(NAME)
+    assert fake_hub.calls == []
+    assert not (tmp_path / "cache").exists()
 
 
 def test_truncated_download_leaves_no_cache_entry(fake_hub, tiny_pth, tmp_path):
@@ -142,13 +159,7 @@ def test_truncated_download_leaves_no_cache_entry(fake_hub, tiny_pth, tmp_path):
     fake_hub.files[("Blink_DL/rwkv-6-world", FILE)] = good[: len(good) // 3]
     with pytest.raises(CheckpointError, match="truncated"):
         RWKV6CausalLM.from_preset(NAME)
-    cache = tmp_path / "cache"
-    assert not (cache / NAME).exists()
-    assert not (cache / "downloads" / NAME).exists()
-    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] in (
-        [],
-        ["downloads"],
-    )
+    assert not (tmp_path / "cache").exists()  # no entry, lock or dir
     # The next attempt downloads again and succeeds.
     fake_hub.files[("Blink_DL/rwkv-6-world", FILE)] = good
     RWKV6Backbone.from_preset(NAME)

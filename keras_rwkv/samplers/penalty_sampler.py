@@ -1,3 +1,5 @@
+import functools
+
 import keras
 import numpy as np
 from keras import ops
@@ -113,7 +115,6 @@ class PenaltySampler(Sampler):
         self.token_ban = [int(t) for t in token_ban]
         self.unweighted_ids = unweighted_ids
         self.penalty_temperature = float(temperature)
-        self._unweighted_cache = None
 
     @property
     def variables(self):
@@ -123,15 +124,7 @@ class PenaltySampler(Sampler):
         if self.unweighted_ids is None:
             return []
         if self.unweighted_ids == "world":
-            if self._unweighted_cache is None:
-                from keras_rwkv.models.rwkv6.rwkv6_tokenizer import (
-                    RWKV6Tokenizer,
-                )
-
-                self._unweighted_cache = pipeline_unweighted_ids(
-                    RWKV6Tokenizer()
-                )
-            return self._unweighted_cache
+            return _world_unweighted_ids()
         return [int(t) for t in self.unweighted_ids]
 
     def apply_penalties(self, logits, tokens, read_mask, generated_mask):
@@ -270,6 +263,14 @@ class PenaltySampler(Sampler):
             "unweighted_ids": self.unweighted_ids,
             "temperature": self.penalty_temperature,
         }
+
+
+@functools.cache
+def _world_unweighted_ids():
+    # Once a process: it reads the whole World vocabulary.
+    from keras_rwkv.models.rwkv6.rwkv6_tokenizer import RWKV6Tokenizer
+
+    return pipeline_unweighted_ids(RWKV6Tokenizer())
 
 
 def _token_counts(tokens, weights, vocab):

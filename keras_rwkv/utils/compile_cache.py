@@ -20,6 +20,24 @@ import os
 from keras_rwkv.utils import settings
 
 MAX_BYTES = 4 << 30
+_EVENTS = {
+    "/jax/compilation_cache/cache_hits": "loaded",
+    "/jax/compilation_cache/cache_misses": "compiled",
+}
+_counts = {"loaded": 0, "compiled": 0}
+_listening = False
+
+
+def counts():
+    """`{"loaded": n, "compiled": m}`: programs this process took from the
+    cache, and compiled for lack of an entry, since `enable`; None when
+    the cache is off."""
+    return dict(_counts) if _listening else None
+
+
+def _count(event, **kwargs):
+    if event in _EVENTS:
+        _counts[_EVENTS[event]] += 1
 
 
 def directory():
@@ -39,10 +57,15 @@ def enable():
         return None
     import jax
 
-    if jax.config.jax_compilation_cache_dir:  # the user's own
-        return jax.config.jax_compilation_cache_dir
-    if not settings.flag(settings.COMPILATION_CACHE_ENV_VAR):
+    global _listening
+    path = jax.config.jax_compilation_cache_dir  # the user's own, if set
+    if not path and not settings.flag(settings.COMPILATION_CACHE_ENV_VAR):
         return None
+    if not _listening:
+        jax.monitoring.register_event_listener(_count)
+        _listening = True
+    if path:
+        return path
     path = directory()
     jax.config.update("jax_compilation_cache_dir", path)
     # JAX's defaults: programs compiled in under 1 s are not kept, and the

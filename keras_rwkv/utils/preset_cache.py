@@ -24,16 +24,19 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from importlib import resources
 
 from keras_rwkv.utils import settings
+from keras_rwkv.utils.modelscope_download import PresetDownloadError
+from keras_rwkv.utils.modelscope_download import check_disk_space
+from keras_rwkv.utils.modelscope_download import check_reachable
+from keras_rwkv.utils.modelscope_download import download
+from keras_rwkv.utils.modelscope_download import gigabytes
+from keras_rwkv.utils.modelscope_download import hub_host
 
 KEEP_DOWNLOADS_ENV_VAR = "KERAS_RWKV_KEEP_DOWNLOADS"
 MANIFEST_FILE = "rwkv6_world.json"
-
-
-class PresetDownloadError(OSError):
-    """A preset's files could not be fetched from ModelScope."""
 
 
 def load_manifest():
@@ -79,32 +82,43 @@ def unknown_preset_error(name):
 
 @contextlib.contextmanager
 def _lock(name):
-    os.makedirs(cache_root(), exist_ok=True)
+    """One download of a preset at a time, across processes. The lock
+    file is removed afterwards, so a failed attempt leaves nothing."""
     path = os.path.join(cache_root(), f".{name}.lock")
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # one download per preset at a time
+    while True:
+        f = open(path, "w")
+        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _download(model_id, file_name, local_dir):
-    """Fetches one file of a ModelScope model repository."""
-    from modelscope.hub import file_download
-
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not removed meanwhile by the holder before us
+            break
+        f.close()
     try:
-        return file_download.model_file_download(
-            model_id=model_id, file_path=file_name, local_dir=local_dir
-        )
-    except Exception as e:
-        raise PresetDownloadError(
-            f"Could not download {file_name} from ModelScope model "
-            f"{model_id} ({type(e).__name__}: {e}). Check your connection "
-            "(or set MODELSCOPE_DOMAIN for a mirror), or load from a local "
-            f"file instead: download {file_name} yourself, run "
-            "`keras-rwkv convert FILE DIR`, then `from_preset(DIR)`."
-        ) from e
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        f.close()
+
+
+def _make_dirs(path):
+    """`os.makedirs`; returns the directories it created, innermost
+    first."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        os.makedirs(directory, exist_ok=True)
+    return missing
+
+
+def _remove_empty_dirs(paths):
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)  # only when empty
 
 
 def _check_sha256(path, expected):
@@ -124,6 +138,22 @@ def _check_sha256(path, expected):
 def ensure_preset(name):
     """Makes sure the named preset is converted in the cache; returns its
     directory. Downloads and converts on first use only."""
+    if name not in MANIFEST:
+        raise unknown_preset_error(name)
+    if is_cached(name):
+        return preset_dir(name)
+    created = _make_dirs(cache_root())
+    try:
+        with _lock(name):
+            if not is_cached(name):  # or another process finished it
+                _fetch_and_convert(name)
+    finally:
+        # A failed attempt leaves nothing: no lock file, no empty dirs.
+        _remove_empty_dirs([os.path.join(cache_root(), "downloads"), *created])
+    return preset_dir(name)
+
+
+def _fetch_and_convert(name):
     from keras_rwkv.convert import CheckpointError
     from keras_rwkv.convert import convert_checkpoint
     from keras_rwkv.convert import write_preset
@@ -132,44 +162,41 @@ def ensure_preset(name):
     )
     from keras_rwkv.models.rwkv6.rwkv6_tokenizer import RWKV6Tokenizer
 
-    if name not in MANIFEST:
-        raise unknown_preset_error(name)
-    if is_cached(name):
-        return preset_dir(name)
-    with _lock(name):
-        if is_cached(name):  # another process finished it meanwhile
-            return preset_dir(name)
-        source = MANIFEST[name]["source"]
-        download_dir = os.path.join(cache_root(), "downloads", name)
-        try:
-            if source["format"] == "blinkdl_pth":
-                path = _download(
-                    source["modelscope_id"], source["file"], download_dir
-                )
-                _check_sha256(path, source.get("sha256"))
-            else:  # a directory of files (bert4keras3 export)
-                for file_name in source["files"]:
-                    path = _download(
-                        source["modelscope_id"], file_name, download_dir
-                    )
-                path = os.path.dirname(path)
-            print(f"Converting {name} (once; cached in {preset_dir(name)})")
-            backbone = convert_checkpoint(path)
-            preprocessor = RWKV6CausalLMPreprocessor(RWKV6Tokenizer())
-            write_preset([backbone, preprocessor], preset_dir(name))
-        except (CheckpointError, PresetDownloadError) as e:
-            # A broken download must not be reused by the next attempt.
+    entry = MANIFEST[name]
+    source = entry["source"]
+    files = [source["file"]] if "file" in source else source["files"]
+    size = 2 * entry["params"]  # World checkpoints are bfloat16
+    # The download and the converted preset, side by side.
+    check_disk_space(cache_root(), 2 * size, f"preset {name!r}")
+    check_reachable(hub_host())
+    print(
+        f"Downloading preset {name} ({', '.join(files)}, about "
+        f"{gigabytes(size)}) from ModelScope {source['modelscope_id']}; it "
+        f"is converted once and cached in {preset_dir(name)}.",
+        file=sys.stderr,
+    )
+    download_dir = os.path.join(cache_root(), "downloads", name)
+    try:
+        for file_name in files:
+            path = download(source["modelscope_id"], file_name, download_dir)
+        if source["format"] == "blinkdl_pth":
+            _check_sha256(path, source.get("sha256"))
+        else:  # a directory of files (bert4keras3 export)
+            path = os.path.dirname(path)
+        print(f"Converting {name} (once).", file=sys.stderr)
+        backbone = convert_checkpoint(path)
+        preprocessor = RWKV6CausalLMPreprocessor(RWKV6Tokenizer())
+        write_preset([backbone, preprocessor], preset_dir(name))
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"The downloaded file for preset {name!r} is not usable and "
+            f"was deleted ({e}). Loading the preset again downloads it anew."
+        ) from e
+    finally:
+        # A broken download must not be reused by the next attempt, and a
+        # good one is not needed once converted.
+        if not (os.environ.get(KEEP_DOWNLOADS_ENV_VAR) and is_cached(name)):
             shutil.rmtree(download_dir, ignore_errors=True)
-            if isinstance(e, CheckpointError):
-                raise CheckpointError(
-                    f"The downloaded file for preset {name!r} is not usable "
-                    f"and was deleted ({e}). Loading the preset again "
-                    "downloads it anew."
-                ) from e
-            raise
-        if not os.environ.get(KEEP_DOWNLOADS_ENV_VAR):
-            shutil.rmtree(download_dir, ignore_errors=True)
-    return preset_dir(name)
 
 
 def keras_hub_presets():
