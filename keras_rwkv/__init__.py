@@ -51,6 +51,7 @@ def register():
 
     for name in _EXPORTS:
         __getattr__(name)
+    importlib.import_module("keras_rwkv.samplers")
     install_keras_hub_hook()
     return compile_cache.enable()
 

@@ -103,3 +103,39 @@ def relative_error(actual, expected):
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     return np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30)
+
+
+# A World-vocabulary model small enough for CLI and process tests.
+TINY_WORLD = dict(
+    vocabulary_size=65536,
+    num_layers=2,
+    hidden_dim=64,
+    intermediate_dim=128,
+    head_size=32,
+    mix_lora_dim=4,
+    decay_lora_dim=8,
+)
+
+
+def save_tiny_world_preset(path, spread=0.5, seed=0):
+    """A random `TINY_WORLD` backbone and the World tokenizer saved as a
+    KerasHub preset at `path`. `spread`: the std of normal weights (so that
+    sampling is not degenerate), or None for the layers' initialisers."""
+    import keras
+
+    from keras_rwkv import RWKV6Backbone
+    from keras_rwkv import RWKV6Tokenizer
+
+    keras.utils.set_random_seed(seed)
+    backbone = RWKV6Backbone(**TINY_WORLD)
+    if spread is not None:
+        rng = np.random.default_rng(seed)
+        backbone.set_weights(
+            [
+                rng.normal(0, spread, w.shape).astype("float32")
+                for w in backbone.get_weights()
+            ]
+        )
+    backbone.save_to_preset(str(path))
+    RWKV6Tokenizer().save_to_preset(str(path))
+    return backbone

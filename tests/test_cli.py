@@ -3,39 +3,17 @@ made by save_to_preset in the test."""
 
 import io
 
-import keras
-import numpy as np
 import pytest
 
-from keras_rwkv import RWKV6Backbone
 from keras_rwkv import RWKV6State
-from keras_rwkv import RWKV6Tokenizer
 from keras_rwkv.cli import main
+from tests.reference import save_tiny_world_preset
 
 
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory):
-    keras.utils.set_random_seed(0)
-    backbone = RWKV6Backbone(
-        vocabulary_size=65536,
-        num_layers=2,
-        hidden_dim=64,
-        intermediate_dim=128,
-        head_size=32,
-        mix_lora_dim=4,
-        decay_lora_dim=8,
-    )
-    # Spread-out random weights, so that sampling is not degenerate.
-    rng = np.random.default_rng(0)
-    backbone.set_weights(
-        [
-            rng.normal(0, 0.5, w.shape).astype("float32")
-            for w in backbone.get_weights()
-        ]
-    )
     path = tmp_path_factory.mktemp("cli") / "preset"
-    backbone.save_to_preset(str(path))
-    RWKV6Tokenizer().save_to_preset(str(path))
+    save_tiny_world_preset(path)
     return str(path)
 
 

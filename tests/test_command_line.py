@@ -11,13 +11,11 @@ import sys
 import time
 
 import keras
-import numpy as np
 import pytest
 
-from keras_rwkv import RWKV6Backbone
-from keras_rwkv import RWKV6Tokenizer
 from keras_rwkv.entry import is_cli_process
 from tests.fake_network import OFFLINE_SITECUSTOMIZE
+from tests.reference import save_tiny_world_preset
 
 pytestmark = pytest.mark.skipif(
     keras.config.backend() != "jax",
@@ -29,26 +27,8 @@ SCRIPT = shutil.which("keras-rwkv")
 
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory):
-    keras.utils.set_random_seed(0)
-    backbone = RWKV6Backbone(
-        vocabulary_size=65536,
-        num_layers=2,
-        hidden_dim=64,
-        intermediate_dim=128,
-        head_size=32,
-        mix_lora_dim=4,
-        decay_lora_dim=8,
-    )
-    rng = np.random.default_rng(0)
-    backbone.set_weights(
-        [
-            rng.normal(0, 0.5, w.shape).astype("float32")
-            for w in backbone.get_weights()
-        ]
-    )
     path = tmp_path_factory.mktemp("cl") / "preset"
-    backbone.save_to_preset(str(path))
-    RWKV6Tokenizer().save_to_preset(str(path))
+    save_tiny_world_preset(path)
     return str(path)
 
 

@@ -13,10 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_rwkv import RWKV6Backbone
-from keras_rwkv import RWKV6CausalLM
-from keras_rwkv import RWKV6CausalLMPreprocessor
-from keras_rwkv import RWKV6Tokenizer
+from tests.reference import save_tiny_world_preset
 
 pytestmark = pytest.mark.skipif(
     keras.config.backend() != "jax",
@@ -71,20 +68,9 @@ CHILD = STEP + textwrap.dedent(
 
 @pytest.mark.slow
 def test_fit_on_tensorflow_equals_jax(tmp_path):
-    keras.utils.set_random_seed(0)
-    backbone = RWKV6Backbone(
-        vocabulary_size=65536,
-        num_layers=2,
-        hidden_dim=64,
-        intermediate_dim=128,
-        head_size=32,
-        mix_lora_dim=4,
-        decay_lora_dim=8,
-    )
     preset = tmp_path / "preset"
-    lm = RWKV6CausalLM(backbone, RWKV6CausalLMPreprocessor(RWKV6Tokenizer()))
-    lm.save_to_preset(str(preset))
-    before = {v.path: keras.ops.convert_to_numpy(v) for v in lm.weights}
+    backbone = save_tiny_world_preset(preset, spread=None)
+    before = {v.path: keras.ops.convert_to_numpy(v) for v in backbone.weights}
 
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
     subprocess.run(
