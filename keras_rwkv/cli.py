@@ -9,6 +9,7 @@ the kernel choice and timings.
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -26,6 +27,12 @@ CHAT_COMMANDS = """commands:
 
 
 def _convert(args):
+    from keras_rwkv.convert.preset_writer import check_target
+
+    # Refuse a target that cannot be written before the long conversion.
+    check_target(
+        os.path.abspath(args.output_dir), args.overwrite, [args.source]
+    )
     _import_keras(args)
     from keras_rwkv import RWKV6CausalLMPreprocessor
     from keras_rwkv import RWKV6Tokenizer
@@ -35,7 +42,10 @@ def _convert(args):
     backbone = convert_checkpoint(args.source, dtype=args.dtype)
     preprocessor = RWKV6CausalLMPreprocessor(RWKV6Tokenizer())
     path = write_preset(
-        [backbone, preprocessor], args.output_dir, overwrite=args.overwrite
+        [backbone, preprocessor],
+        args.output_dir,
+        overwrite=args.overwrite,
+        protect=[args.source],
     )
     print(f"Wrote KerasHub preset to {path}")
     print(f"Generate with: keras-rwkv generate --preset {path} 'Hello'")

@@ -2,13 +2,15 @@
 
 from keras_rwkv.convert.blinkdl import detect_rwkv_version
 from keras_rwkv.convert.convert_checkpoint import convert_checkpoint
-from keras_rwkv.convert.convert_checkpoint import write_preset
+from keras_rwkv.convert.preset_writer import PresetWriteError
+from keras_rwkv.convert.preset_writer import write_preset
 from keras_rwkv.convert.torch_checkpoint import CheckpointError
 from keras_rwkv.convert.torch_checkpoint import UnsafeCheckpointError
 from keras_rwkv.convert.torch_checkpoint import load_torch_checkpoint
 
 __all__ = [
     "CheckpointError",
+    "PresetWriteError",
     "UnsafeCheckpointError",
     "convert_checkpoint",
     "detect_rwkv_version",

@@ -1,8 +1,6 @@
-"""Turn a checkpoint into a backbone, and a backbone into a preset dir."""
+"""Turn a checkpoint into a backbone."""
 
 import os
-import shutil
-import tempfile
 
 import keras
 
@@ -64,39 +62,3 @@ def convert_checkpoint(source, dtype=None, progress=True):
     if tuned is not None:
         backbone.set_tuned_state_arrays(tuned)
     return backbone
-
-
-def write_preset(models, output_dir, overwrite=False):
-    """Saves KerasHub objects (a backbone, tokenizer, preprocessor or task,
-    or a list of them) as one preset directory.
-
-    Writes into a temporary directory next to `output_dir` and renames it
-    into place only when complete, so an interrupted run never leaves a
-    half-written preset behind.
-    """
-    output_dir = os.path.abspath(os.fspath(output_dir))
-    if os.path.exists(output_dir):
-        if not overwrite:
-            raise FileExistsError(
-                f"{output_dir} already exists. Choose another directory or "
-                "pass overwrite=True (CLI: --overwrite)."
-            )
-        if not os.path.isdir(output_dir):
-            raise FileExistsError(f"{output_dir} exists and is a file.")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".keras_rwkv-", dir=parent)
-    try:
-        for model in models if isinstance(models, (list, tuple)) else [models]:
-            model.save_to_preset(tmp)
-        if os.path.exists(output_dir):
-            old = tmp + ".old"
-            os.rename(output_dir, old)
-            os.rename(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output_dir

@@ -1,5 +1,8 @@
-"""Writing files so that an interrupted write never leaves a broken one."""
+"""Writing files so that an interrupted write never leaves a broken one,
+and a lock for writers of one path."""
 
+import contextlib
+import fcntl
 import os
 import tempfile
 
@@ -23,3 +26,25 @@ def atomic_savez(path, **arrays):
             os.remove(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """An exclusive lock on `path` across processes (created if needed,
+    removed afterwards, so nothing is left behind)."""
+    while True:
+        f = open(path, "w")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not removed meanwhile by the holder before us
+            break
+        f.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        f.close()

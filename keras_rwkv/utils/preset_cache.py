@@ -19,7 +19,6 @@ The cache lives under the cache root (`settings.py`): by default
 """
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ import sys
 from importlib import resources
 
 from keras_rwkv.utils import settings
+from keras_rwkv.utils.files import file_lock
 from keras_rwkv.utils.modelscope_download import PresetDownloadError
 from keras_rwkv.utils.modelscope_download import check_disk_space
 from keras_rwkv.utils.modelscope_download import check_reachable
@@ -80,27 +80,9 @@ def unknown_preset_error(name):
     )
 
 
-@contextlib.contextmanager
 def _lock(name):
-    """One download of a preset at a time, across processes. The lock
-    file is removed afterwards, so a failed attempt leaves nothing."""
-    path = os.path.join(cache_root(), f".{name}.lock")
-    while True:
-        f = open(path, "w")
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:  # not removed meanwhile by the holder before us
-            break
-        f.close()
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-        f.close()
+    """One download of a preset at a time, across processes."""
+    return file_lock(os.path.join(cache_root(), f".{name}.lock"))
 
 
 def _make_dirs(path):
@@ -186,7 +168,8 @@ def _fetch_and_convert(name):
         print(f"Converting {name} (once).", file=sys.stderr)
         backbone = convert_checkpoint(path)
         preprocessor = RWKV6CausalLMPreprocessor(RWKV6Tokenizer())
-        write_preset([backbone, preprocessor], preset_dir(name))
+        # Replaces an incomplete entry (no config.json) of ours, if any.
+        write_preset([backbone, preprocessor], preset_dir(name), overwrite=True)
     except CheckpointError as e:
         raise CheckpointError(
             f"The downloaded file for preset {name!r} is not usable and "
