@@ -82,8 +82,7 @@ def check_target(output_dir, overwrite=False, protect=()):
         return
     if not os.path.isdir(output_dir) or os.path.islink(output_dir):
         raise PresetWriteError(
-            f"{output_dir} exists and is not a directory. Choose another "
-            "path."
+            f"{output_dir} exists and is not a directory. Choose another path."
         )
     if not overwrite:
         raise PresetWriteError(

@@ -1,4 +1,6 @@
 import functools
+import math
+import numbers
 
 import keras
 import numpy as np
@@ -90,6 +92,25 @@ class PenaltySampler(Sampler):
         temperature=1.0,
     ):
         super().__init__(temperature=1.0)
+        for name, value in (
+            ("repetition_penalty", repetition_penalty),
+            ("presence_penalty", presence_penalty),
+            ("frequency_penalty", frequency_penalty),
+            ("penalty_decay", penalty_decay),
+            ("temperature", temperature),
+        ):
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(
+                    f"{name} must be a finite number; got {value!r}."
+                )
+        if penalty_window is not None and (
+            not isinstance(penalty_window, numbers.Integral)
+            or isinstance(penalty_window, bool)
+        ):
+            raise ValueError(
+                "penalty_window must be an int or None; got "
+                f"{penalty_window!r}."
+            )
         if repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0 (1 disables).")
         if temperature <= 0:
@@ -104,6 +125,11 @@ class PenaltySampler(Sampler):
                 raise ValueError("max_penalty_range must be (lo, hi), lo<=hi.")
             max_penalty_range = (int(lo), int(hi))
         self.sampler = get_sampler(sampler)
+        if not isinstance(self.sampler, Sampler):
+            raise ValueError(
+                f"Unknown sampler {sampler!r}: use greedy, top_k, top_p, "
+                "random, beam, or a keras_hub.samplers.Sampler."
+            )
         if isinstance(self.sampler, PenaltySampler):
             raise ValueError("PenaltySampler cannot wrap another one.")
         self.repetition_penalty = float(repetition_penalty)

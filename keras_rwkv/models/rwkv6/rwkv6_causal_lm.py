@@ -6,6 +6,7 @@ import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
 from keras_hub.samplers import ContrastiveSampler
+from keras_hub.samplers import Sampler
 from keras_hub.samplers import SpeculativeSampler
 
 from keras_rwkv.models.rwkv6.rwkv6_backbone import RWKV6Backbone
@@ -17,6 +18,8 @@ from keras_rwkv.models.rwkv6.rwkv6_decoding import has_own_loop
 from keras_rwkv.models.rwkv6.rwkv6_decoding import kept_mask
 from keras_rwkv.models.rwkv6.rwkv6_decoding import left_pad
 from keras_rwkv.models.rwkv6.rwkv6_decoding import sampler_loop
+from keras_rwkv.models.rwkv6.rwkv6_generate_inputs import prompt_rows
+from keras_rwkv.models.rwkv6.rwkv6_generate_inputs import stop_ids
 from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
 
 # Streaming: the longest segment decoded between two deliveries.
@@ -86,6 +89,12 @@ class RWKV6CausalLM(CausalLM):
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
+        if not isinstance(self.sampler, Sampler):
+            raise ValueError(
+                f"Unknown sampler {self.sampler!r}. Use a keras_hub.samplers "
+                "name (greedy, top_k, top_p, random, beam) or a Sampler, "
+                "e.g. keras_rwkv.samplers.PenaltySampler('top_p', ...)."
+            )
         self._compiled_functions = {}
 
     # --- model pieces -----------------------------------------------------
@@ -106,44 +115,22 @@ class RWKV6CausalLM(CausalLM):
 
     # --- host-side helpers ------------------------------------------------
 
+    def _tokenizer(self):
+        return (
+            None if self.preprocessor is None else self.preprocessor.tokenizer
+        )
+
     def _prompt_rows(self, inputs):
         """Prompts as lists of ids, and whether the input was a single
-        prompt."""
-        if isinstance(inputs, dict):
-            ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"]))
-            scalar = ids.ndim == 1
-            ids = ids[None] if scalar else ids
-            mask = inputs.get("padding_mask")
-            mask = (
-                np.ones_like(ids, bool)
-                if mask is None
-                else np.asarray(ops.convert_to_numpy(mask)).astype(bool)
-            )
-            mask = mask[None] if mask.ndim == 1 else mask
-            return [r[m].tolist() for r, m in zip(ids, mask)], scalar
-        if self.preprocessor is None:
-            raise ValueError(
-                "This RWKV6CausalLM has no preprocessor, so generate() "
-                "takes token ids: {'token_ids': ..., 'padding_mask': ...}."
-            )
-        if isinstance(inputs, np.ndarray):
-            inputs = inputs.tolist()
-        scalar = isinstance(inputs, str)
-        texts = [inputs] if scalar else list(inputs)
-        return self.preprocessor.tokenizer(texts), scalar
+        prompt (checked: `rwkv6_generate_inputs.py`)."""
+        return prompt_rows(
+            inputs, self._tokenizer(), self.backbone.vocabulary_size
+        )
 
     def _stop_ids(self, stop_token_ids):
-        if stop_token_ids == "auto":
-            if self.preprocessor is None:
-                raise ValueError(
-                    'stop_token_ids="auto" needs a preprocessor; pass '
-                    "stop_token_ids=None (run to max length) or a list of "
-                    "ids."
-                )
-            return (self.preprocessor.tokenizer.end_token_id,)
-        if stop_token_ids is None:
-            return None
-        return tuple(int(t) for t in stop_token_ids)
+        return stop_ids(
+            stop_token_ids, self._tokenizer(), self.backbone.vocabulary_size
+        )
 
     def _compiled(self, key, fn):
         """`fn(*tensors)` compiled for this model's backend, once per key.
