@@ -39,7 +39,9 @@ def _convert(args):
     from keras_rwkv.convert import convert_checkpoint
     from keras_rwkv.convert import write_preset
 
-    backbone = convert_checkpoint(args.source, dtype=args.dtype)
+    backbone = convert_checkpoint(
+        args.source, dtype=args.dtype, allow_non_finite=args.allow_non_finite
+    )
     preprocessor = RWKV6CausalLMPreprocessor(RWKV6Tokenizer())
     path = write_preset(
         [backbone, preprocessor],
@@ -451,7 +453,14 @@ def build_parser():
         "default: the checkpoint's own (lossless)",
     )
     convert.add_argument(
-        "--overwrite", action="store_true", help="replace OUTPUT_DIR"
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT_DIR if it is a keras-rwkv preset",
+    )
+    convert.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="accept NaN or infinite weights (refused by default)",
     )
     convert.set_defaults(func=_convert)
     return parser
@@ -485,14 +494,17 @@ def _setup_logging(verbose):
 def _explained_errors():
     """Errors whose message says what went wrong and what to do."""
     from keras_rwkv.convert import CheckpointError
+    from keras_rwkv.models.rwkv6.rwkv6_weight_checks import PresetLoadError
     from keras_rwkv.utils.preset_cache import PresetDownloadError
 
     return (
         CommandError,
         CheckpointError,
         PresetDownloadError,
+        PresetLoadError,
         FileExistsError,
         FileNotFoundError,
+        ValueError,  # our validation's messages say what is wrong
     )
 
 

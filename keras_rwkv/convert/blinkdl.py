@@ -264,3 +264,21 @@ def checkpoint_dtype(weights):
     dtype name."""
     name = np.asarray(weights["emb.weight"][:1]).dtype.name
     return {"bfloat16": "bfloat16", "float16": "float16"}.get(name, "float32")
+
+
+def check_finite(weights, source):
+    """Raises `CheckpointError` naming the tensors that hold NaN or
+    infinite values (a damaged or diverged checkpoint: every output would
+    be NaN)."""
+    bad = []
+    for key, value in weights.items():
+        array = np.asarray(value)
+        if array.dtype.kind in "fV" and array.dtype.itemsize in (2, 4, 8):
+            if not np.all(np.isfinite(array)):
+                bad.append(key)
+    if bad:
+        raise CheckpointError(
+            f"{source}: NaN or infinite values in {_listing(bad)}. The file "
+            "is damaged or the training diverged; if it is meant to be so, "
+            "convert with allow_non_finite=True (CLI: --allow-non-finite)."
+        )

@@ -10,7 +10,9 @@ from keras_rwkv.convert.torch_checkpoint import CheckpointError
 from keras_rwkv.convert.torch_checkpoint import load_torch_checkpoint
 
 
-def convert_checkpoint(source, dtype=None, progress=True):
+def convert_checkpoint(
+    source, dtype=None, progress=True, allow_non_finite=False
+):
     """Builds an `RWKV6Backbone` holding the weights of `source`.
 
     Args:
@@ -22,6 +24,8 @@ def convert_checkpoint(source, dtype=None, progress=True):
             checkpoint's storage dtype (bfloat16 for the official models),
             which is lossless.
         progress: show a progress bar over the layers.
+        allow_non_finite: accept NaN or infinite weights (refused by
+            default: they make every output NaN).
 
     Returns:
         The `RWKV6Backbone`.
@@ -46,6 +50,8 @@ def convert_checkpoint(source, dtype=None, progress=True):
         )
     config = blinkdl.config_from_weights(weights)
     blinkdl.check_weights(weights, config)
+    if not allow_non_finite:
+        blinkdl.check_finite(weights, source)
     if dtype is None:
         dtype = blinkdl.checkpoint_dtype(weights)
     backbone = RWKV6Backbone(**config, dtype=dtype)

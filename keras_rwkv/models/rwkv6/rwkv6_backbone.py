@@ -7,6 +7,7 @@ from keras_hub.models import Backbone
 from keras_rwkv.models.rwkv6.rwkv6_block import RWKV6Block
 from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import shift_indices
+from keras_rwkv.models.rwkv6.rwkv6_weight_checks import load_checked
 
 
 @keras.saving.register_keras_serializable(package="keras_rwkv")
@@ -474,6 +475,17 @@ class RWKV6Backbone(Backbone):
             state = state.broadcast_to(ops.shape(token_ids)[0])
         hidden, layer_states = self._run_layers(token_ids, padding_mask, state)
         return hidden, RWKV6State.from_layers(layer_states)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """Keras's `load_weights`, with checks: an unreadable file or NaN
+        weights raise `PresetLoadError` saying what to do."""
+        load_checked(
+            lambda path: super(RWKV6Backbone, self).load_weights(
+                path, *args, **kwargs
+            ),
+            filepath,
+            self.weights,
+        )
 
     def get_config(self):
         config = super().get_config()

@@ -105,33 +105,31 @@ class RWKV6State(NamedTuple):
             dtype: compute dtype for `shift`; defaults to the saved one.
         """
         try:
-            data = np.load(os.fspath(path), allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            wkv, shift, saved_dtype = _read_state_file(path)
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            EOFError,
+            zipfile.BadZipFile,
+        ) as e:
+            if isinstance(e, _StateFormatError):
+                raise ValueError(str(e)) from None
             raise ValueError(
-                f"{path} is not an RWKV6State file (saved with "
-                f"RWKV6State.save): {e}"
+                f"{path} is not a readable RWKV6State file (saved with "
+                f"RWKV6State.save): {type(e).__name__}: {e}. It may be "
+                "damaged or truncated; save the state again."
             ) from None
-        with data:
-            if (
-                not hasattr(data, "files")
-                or "format" not in data.files
-                or (str(data["format"]) != STATE_FORMAT)
-            ):
-                raise ValueError(
-                    f"{path} is not an RWKV6State file (saved with "
-                    "RWKV6State.save)."
-                )
-            version = int(data["format_version"])
-            if version > STATE_FORMAT_VERSION:
-                raise ValueError(
-                    f"{path} has state format version {version}; this "
-                    "keras_rwkv reads up to version "
-                    f"{STATE_FORMAT_VERSION}. Upgrade keras_rwkv."
-                )
-            wkv, shift = data["wkv"], data["shift"]
-            dtype = dtype or str(data["dtype"])
+        dtype = dtype or saved_dtype
         if wkv.ndim != 5 or shift.ndim != 4 or wkv.shape[:2] != shift.shape[:2]:
             raise ValueError(f"{path}: inconsistent state shapes.")
+        for name, array in (("wkv", wkv), ("shift", shift)):
+            if not np.all(np.isfinite(array)):
+                raise ValueError(
+                    f"{path}: the state's {name} holds NaN or infinite "
+                    "values; it would make every output NaN. Save a good "
+                    "state again."
+                )
         return cls(
             wkv=ops.convert_to_tensor(wkv, "float32"),
             shift=ops.cast(ops.convert_to_tensor(shift), dtype),
@@ -166,3 +164,30 @@ class RWKV6State(NamedTuple):
                 axis=1,
             ),
         )
+
+
+class _StateFormatError(ValueError):
+    """A readable file that is not a state this version can use."""
+
+
+def _read_state_file(path):
+    """`(wkv, shift, dtype)` from a `save`d file; every read inside, so
+    that a damaged archive fails here (`np.load` reads lazily)."""
+    with np.load(os.fspath(path), allow_pickle=False) as data:
+        if (
+            not hasattr(data, "files")
+            or "format" not in data.files
+            or (str(data["format"]) != STATE_FORMAT)
+        ):
+            raise _StateFormatError(
+                f"{path} is not an RWKV6State file (saved with "
+                "RWKV6State.save)."
+            )
+        version = int(data["format_version"])
+        if version > STATE_FORMAT_VERSION:
+            raise _StateFormatError(
+                f"{path} has state format version {version}; this "
+                "keras_rwkv reads up to version "
+                f"{STATE_FORMAT_VERSION}. Upgrade keras_rwkv."
+            )
+        return data["wkv"], data["shift"], str(data["dtype"])
