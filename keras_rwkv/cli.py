@@ -189,9 +189,14 @@ def _stream_generate(lm, prompt, args, stop_ids, state, out):
 def _generate(args):
     from keras_rwkv import RWKV6State
 
+    if args.state_out:
+        _check_writable(args.state_out, "--state-out")
     lm = _load_model(args)
     tokenizer = lm.preprocessor.tokenizer
-    state = RWKV6State.load(args.state_in) if args.state_in else None
+    state = None
+    if args.state_in:
+        state = RWKV6State.load(args.state_in)
+        state.check_compatible(lm.backbone)
     stop_ids = (tokenizer.end_token_id,)
     out = sys.stdout
     out.write(args.prompt)
@@ -200,6 +205,21 @@ def _generate(args):
     if args.state_out:
         path = state.save(args.state_out)
         print(f"[state saved to {path}]", file=sys.stderr)
+
+
+def _reason(error):
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _check_writable(path, option):
+    """Fails before any work when `path` cannot be written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CommandError(
+            f"{option} {path}: the directory {directory} does not exist."
+        )
+    if not os.access(directory, os.W_OK):
+        raise CommandError(f"{option} {path}: {directory} is not writable.")
 
 
 def _turn_end_ids(tokenizer):
@@ -246,22 +266,32 @@ def _chat(args, stdin=None, out=None):
                 state = start_state()
                 out.write("[conversation reset]\n")
             elif command == "/save" and arg:
-                if state is None:
-                    state = lm.backbone.initial_state(1)
-                out.write(f"[state saved to {state.save(arg)}]\n")
+                try:
+                    current = state or lm.backbone.initial_state(1)
+                    out.write(f"[state saved to {current.save(arg)}]\n")
+                except Exception as e:  # noqa: BLE001 - the session goes on
+                    out.write(f"[cannot save to {arg}: {_reason(e)}]\n")
             elif command == "/load" and arg:
                 try:
-                    state = RWKV6State.load(arg)
-                    state.check_compatible(lm.backbone)
+                    loaded = RWKV6State.load(arg)
+                    loaded.check_compatible(lm.backbone)
+                except Exception as e:  # noqa: BLE001 - the session goes on
+                    out.write(f"[cannot load {arg}: {_reason(e)}]\n")
+                else:
+                    state = loaded  # only once it is known to fit
                     out.write(f"[state loaded from {arg}]\n")
-                except (OSError, ValueError) as e:
-                    out.write(f"[cannot load {arg}: {e}]\n")
             else:
                 out.write(CHAT_COMMANDS + "\n")
             continue
         out.write("Assistant:")
         prompt = f"User: {line}\n\nAssistant:"
-        state = _stream_generate(lm, prompt, args, stop_ids, state, out)
+        try:
+            state = _stream_generate(lm, prompt, args, stop_ids, state, out)
+        except Exception as e:  # noqa: BLE001 - keep the conversation
+            out.write(
+                f"\n[this turn failed: {_reason(e)}; the "
+                "conversation is as before it]"
+            )
         out.write("\n\n")
 
 

@@ -3,6 +3,7 @@ made by save_to_preset in the test."""
 
 import io
 
+import numpy as np
 import pytest
 
 from keras_rwkv import RWKV6State
@@ -153,3 +154,34 @@ def test_missing_preset(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: cannot load preset '/nonexistent/dir'")
     assert "Traceback" not in err
+
+
+def test_chat_survives_bad_state_files_with_its_state(
+    preset, tmp_path, monkeypatch, capsys
+):
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    keys = tmp_path / "keys.npz"
+    np.savez(keys, format=np.array("keras_rwkv.RWKV6State"))
+    other = tmp_path / "other.npz"
+    RWKV6State(
+        wkv=np.zeros((1, 1, 2, 32, 32), "float32"),
+        shift=np.zeros((1, 1, 2, 64), "float32"),
+    ).save(other)
+    plain = run_chat(preset, ["Hi\n", "Bye\n"], monkeypatch, capsys)
+    lines = ["Hi\n"]
+    for bad in (empty, keys, other):
+        lines.append(f"/load {bad}\n")
+    lines += [f"/save {tmp_path / 'no' / 'dir.npz'}\n", "Bye\n"]
+    scripted = run_chat(preset, lines, monkeypatch, capsys)
+    assert scripted.count("[cannot load") == 3
+    assert "[cannot save to" in scripted
+    # The conversation went on from its own state, as if nothing happened.
+    assert replies(scripted) == replies(plain)
+
+
+def test_state_out_is_checked_before_the_model_loads(preset, tmp_path, capsys):
+    bad = tmp_path / "missing" / "s.npz"
+    args = ["generate", "--preset", preset, "--state-out", str(bad), "Hi"]
+    assert main(args) == 2
+    assert "does not exist" in capsys.readouterr().err
