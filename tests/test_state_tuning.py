@@ -332,3 +332,38 @@ def test_pads_carry_no_loss(world_pth):
     y2 = np.where(sw == 0, 12345, y)  # change labels only where weight is 0
     changed = lm.evaluate(x, y2, sample_weight=sw, verbose=0, return_dict=True)
     assert changed["loss"] == pytest.approx(base["loss"], rel=1e-6)
+
+
+def test_changing_what_trains_needs_a_compile_and_breaks_nothing(world_pth):
+    lm = text_lm(world_pth)
+    lm.enable_state_tuning(time_shift=True)
+    lm.compile(optimizer=keras.optimizers.Adam(0.1))
+    lm.fit(["User: hi\n\nAssistant: yo"], epochs=1, verbose=0)
+    tuned = lm.backbone.tuned_state_arrays()
+    # time_shift=False after True: the shift states stay but stop training.
+    lm.enable_state_tuning(time_shift=False)
+    trainable = sorted(v.path for v in lm.trainable_variables)
+    assert trainable == [f"block_{i}/initial_wkv" for i in range(2)]
+    before = weights_by_path(lm)
+    with pytest.raises(ValueError, match="call compile"):
+        lm.fit(["User: hi\n\nAssistant: yo"], epochs=1, verbose=0)
+    # Nothing was touched: every variable is there, with its value.
+    after = weights_by_path(lm)
+    assert after.keys() == before.keys()
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[path], value)
+    np.testing.assert_array_equal(
+        lm.backbone.tuned_state_arrays()["shift"], tuned["shift"]
+    )
+    lm.compile(optimizer=keras.optimizers.Adam(0.1))
+    lm.fit(["User: hi\n\nAssistant: yo"], epochs=1, verbose=0)
+    after = weights_by_path(lm)
+    for i in range(2):  # the frozen shift did not move; the wkv did
+        path = f"block_{i}/initial_shift"
+        np.testing.assert_array_equal(after[path], before[path])
+    assert any(
+        not np.array_equal(
+            after[f"block_{i}/initial_wkv"], before[f"block_{i}/initial_wkv"]
+        )
+        for i in range(2)
+    )

@@ -286,10 +286,11 @@ class RWKV6Backbone(Backbone):
         explicit state is passed (`fit`, calls, `generate`, `prefill`), and
         shared by every row of a batch. An explicit `state` replaces them.
 
-        Calling it again keeps the tuned values (and adds the shift states
-        if `time_shift` is now True) and re-freezes everything else, LoRA
-        weights included; `enable_lora` afterwards freezes the states in
-        turn. Compile (again) after calling it.
+        Calling it again keeps the tuned values (adds the shift states if
+        `time_shift` is now True, freezes them if it is now False) and
+        re-freezes everything else, LoRA weights included; `enable_lora`
+        afterwards freezes the states in turn. Compile (again) after
+        calling it: `fit` says so otherwise.
 
         Args:
             time_shift: bool. Also tune the token-shift states.
@@ -302,6 +303,9 @@ class RWKV6Backbone(Backbone):
             for layer in block._flatten_layers(include_self=False):
                 layer.trainable = False
             block.enable_state_tuning(time_shift)
+            if block.initial_shift is not None:
+                # Kept (it holds tuned values) but frozen when not asked for.
+                block.initial_shift.trainable = bool(time_shift)
 
     def tuned_state_arrays(self):
         """The tuned states as numpy: `{"wkv": [L, H, N, N]}` plus

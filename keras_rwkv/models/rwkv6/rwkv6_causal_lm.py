@@ -96,6 +96,27 @@ class RWKV6CausalLM(CausalLM):
                 "e.g. keras_rwkv.samplers.PenaltySampler('top_p', ...)."
             )
         self._compiled_functions = {}
+        self._trainable_at_compile = self._trainable_paths()
+
+    def _trainable_paths(self):
+        return sorted(v.path for v in self.trainable_variables)
+
+    def fit(self, *args, **kwargs):
+        compiled_for = getattr(self, "_trainable_at_compile", None)
+        optimizer = getattr(self, "optimizer", None)
+        if (
+            getattr(optimizer, "built", False)
+            and compiled_for is not None
+            and compiled_for != self._trainable_paths()
+        ):
+            # The optimizer was built for other variables: training now
+            # would fail half-way and leave the model broken.
+            raise ValueError(
+                "The trainable variables changed since compile() "
+                "(enable_state_tuning or enable_lora): call compile() again "
+                "before fit()."
+            )
+        return super().fit(*args, **kwargs)
 
     # --- model pieces -----------------------------------------------------
 
