@@ -216,3 +216,54 @@ def tiny_backbone():
         mix_lora_dim=4,
         decay_lora_dim=4,
     )
+
+
+MEMORY_CHILD = """
+import random, resource, sys
+sys.modules["tensorflow"] = None  # not needed to tokenize
+from keras_rwkv.models.rwkv6.rwkv6_tokenizer import RWKV6Tokenizer
+tokenizer = RWKV6Tokenizer()
+tokenizer._ensure_vocabulary()
+rng = random.Random(0)
+words = [" the", " world", "日本語", "テスト", "\\n", "123", " example"]
+text = "".join(rng.choices(words, k=2_000_000))
+size = len(text.encode("utf-8"))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+ids = tokenizer.tokenize(text)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(size, (peak - base) / size)
+"""
+
+
+def test_a_long_string_tokenizes_in_a_small_multiple_of_its_size():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    size, growth = int(out[0]), float(out[1])
+    assert size > 10_000_000
+    # The text's ids as a list hold 8 bytes a token (~3 bytes of text).
+    assert growth <= 6, growth
+
+
+def test_long_text_windows_give_the_same_ids(monkeypatch):
+    from keras_rwkv.models.rwkv6 import rwkv6_tokenizer
+
+    tokenizer = RWKV6Tokenizer()
+    text = "日本語 and English, ünïcödé and digits 0123456789. " * 400
+    whole = tokenizer.tokenize(text)
+    monkeypatch.setattr(rwkv6_tokenizer, "ENCODE_CHUNK", 97)
+    assert tokenizer.tokenize(text) == whole
+
+
+def test_detokenize_refuses_fractional_ids():
+    with pytest.raises(ValueError, match="not an integer"):
+        RWKV6Tokenizer().detokenize([1.5])

@@ -14,6 +14,10 @@ VOCAB_FILENAME = "rwkv_vocab_v20230424.txt"
 BUNDLED_VOCAB = os.path.join(os.path.dirname(__file__), VOCAB_FILENAME)
 # Token ids the model can emit: 0 .. 65535 (65530.. have no token).
 MAX_TOKEN_ID = 65535
+# Encoding returns these int objects, one per id, so that a long text's
+# list of ids holds pointers only (8 bytes a token, not 36).
+_IDS = list(range(MAX_TOKEN_ID + 2))
+ENCODE_CHUNK = 1 << 20  # bytes matched at a time in a long text
 ERRORS = ("replace", "strict", "ignore", "backslashreplace")
 
 
@@ -195,6 +199,7 @@ class RWKV6Tokenizer(Tokenizer):
             token_to_id={t: i + 1 for i, t in enumerate(tokens)},
             matcher=matcher,
             id_to_bytes=id_to_bytes,
+            max_bytes=max(len(t) for t in tokens),
         )
 
     def save_assets(self, dir_path):
@@ -246,9 +251,24 @@ class RWKV6Tokenizer(Tokenizer):
     # --- encoding ---------------------------------------------------------
 
     def _encode_bytes(self, data):
-        return [
-            i + 1 for i, _, _ in self._matcher.find_matches_as_indexes(data)
-        ]
+        matches = self._matcher.find_matches_as_indexes
+        if len(data) <= ENCODE_CHUNK:
+            return [_IDS[i + 1] for i, _, _ in matches(data)]
+        # A long text goes in windows, so that the matcher's tuples never
+        # exist for all of it at once. Greedy longest match from a token
+        # boundary depends only on the next `max_bytes` bytes, so taking
+        # the matches that start in the first ENCODE_CHUNK bytes of each
+        # window, then going on from the end of the last one, is exact.
+        ids, position, lookahead = [], 0, self._parsed.max_bytes
+        while position < len(data):
+            limit = position + ENCODE_CHUNK
+            window = data[position : limit + lookahead]
+            found = matches(window)
+            if limit < len(data):
+                found = [m for m in found if m[1] < ENCODE_CHUNK]
+            ids += [_IDS[i + 1] for i, _, _ in found]
+            position += found[-1][2]
+        return ids
 
     def _encode_text(self, text):
         if not isinstance(text, str):
@@ -401,7 +421,10 @@ def _as_text(token):
 
 
 def _check_id(value):
-    value = int(value) if not isinstance(value, int) else value
+    if not isinstance(value, int):
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"Token id {value} is not an integer.")
+        value = int(value)
     if not 0 <= value <= MAX_TOKEN_ID:
         raise ValueError(
             f"Token id {value} is out of range: RWKV World ids are "
