@@ -231,3 +231,10 @@ def test_reader_does_not_need_torch_pickle_module():
 
         buf.seek(0)
         _RestrictedUnpickler(buf, type("R", (), {"path": "mem"})()).load()
+
+
+def test_unknown_dtype_is_refused_before_reading(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli_main(["convert", "any.pth", str(out), "--dtype", "bogus"]) == 2
+    assert "not a Keras dtype policy" in capsys.readouterr().err
+    assert not out.exists()

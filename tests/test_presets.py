@@ -231,3 +231,14 @@ def test_manifest_is_consistent():
         keras_rwkv.RWKV6CausalLM.presets[NAME]["metadata"]["params"]
         == (MANIFEST[NAME]["params"])
     )
+
+
+def test_an_incomplete_cache_entry_is_rebuilt(fake_hub, tmp_path):
+    # Left by a crash before the preset was complete: no config.json.
+    entry = tmp_path / "cache" / NAME
+    entry.mkdir(parents=True)
+    (entry / "model.weights.h5").write_bytes(b"half")
+    backbone = RWKV6Backbone.from_preset(NAME)
+    assert backbone.hidden_dim == 64
+    assert (entry / "config.json").exists()
+    assert len(fake_hub.calls) == 1

@@ -33,6 +33,14 @@ def convert_checkpoint(
     from keras_rwkv.models.rwkv6.rwkv6_backbone import RWKV6Backbone
 
     source = os.fspath(source)
+    if dtype is not None:
+        try:
+            keras.dtype_policies.get(dtype)
+        except ValueError:
+            raise ValueError(
+                f"dtype={dtype!r} is not a Keras dtype policy; use e.g. "
+                "float32, bfloat16, float16 or mixed_bfloat16."
+            ) from None
     if bert4keras3.is_bert4keras3_dir(source):
         weights = bert4keras3.load_bert4keras3_dir(source)
     elif os.path.isdir(source):
