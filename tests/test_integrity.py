@@ -15,6 +15,7 @@ from keras_rwkv.cli import main as cli_main
 from keras_rwkv.convert import CheckpointError
 from keras_rwkv.convert import convert_checkpoint
 from keras_rwkv.models.rwkv6.rwkv6_weight_checks import PresetLoadError
+from tests.reference import TINY_WORLD
 from tests.reference import random_rwkv6_state_dict
 from tests.reference import save_checkpoint
 from tests.reference import save_tiny_world_preset
@@ -142,3 +143,12 @@ def test_damaged_state_files_name_the_path(tmp_path, damage):
         np.savez(path, **arrays)
     with pytest.raises(ValueError, match=str(tmp_path)):
         RWKV6State.load(path)
+
+
+def test_nan_tuned_states_are_refused():
+    backbone = RWKV6Backbone(**TINY_WORLD)
+    backbone.enable_state_tuning()
+    arrays = backbone.tuned_state_arrays()
+    arrays["wkv"].flat[7] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        backbone.set_tuned_state_arrays(arrays["wkv"], arrays["shift"])

@@ -344,6 +344,12 @@ class RWKV6Backbone(Backbone):
                     f"Tuned shift state has shape {shift.shape}; this model "
                     f"needs {(layers, 2, c)}."
                 )
+        for name, array in (("WKV", wkv), ("shift", shift)):
+            if array is not None and not np.all(np.isfinite(array)):
+                raise ValueError(
+                    f"Tuned {name} state holds NaN or infinite values; "
+                    "every output would be NaN. Use a good state file."
+                )
         # Adds the state variables if missing; freezes nothing (that is
         # enable_state_tuning's job).
         time_shift = shift is not None or self.tuned_state == "wkv+shift"
