@@ -14,6 +14,7 @@ from keras_rwkv import RWKV6State
 from keras_rwkv import RWKV6Tokenizer
 from keras_rwkv.convert import convert_checkpoint
 from tests.reference import SMALL
+from tests.reference import TINY_WORLD
 from tests.reference import blinkdl_model
 from tests.reference import random_rwkv6_state_dict
 from tests.reference import save_checkpoint
@@ -255,15 +256,7 @@ def test_beam_search_runs_and_contrastive_is_refused(blinkdl_pair):
 @pytest.fixture(scope="module")
 def text_lm():
     keras.utils.set_random_seed(1)
-    backbone = RWKV6Backbone(
-        vocabulary_size=65536,
-        num_layers=2,
-        hidden_dim=64,
-        intermediate_dim=128,
-        head_size=32,
-        mix_lora_dim=4,
-        decay_lora_dim=8,
-    )
+    backbone = RWKV6Backbone(**TINY_WORLD)
     pre = RWKV6CausalLMPreprocessor(RWKV6Tokenizer(), sequence_length=64)
     lm = RWKV6CausalLM(backbone, pre)
     lm.compile(sampler="greedy")
