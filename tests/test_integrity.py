@@ -152,3 +152,9 @@ def test_nan_tuned_states_are_refused():
     arrays["wkv"].flat[7] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
         backbone.set_tuned_state_arrays(arrays["wkv"], arrays["shift"])
+
+
+def test_garbage_config_names_the_file(preset):
+    (preset / "config.json").write_text("{not json")
+    with pytest.raises(PresetLoadError, match="config.json cannot be read"):
+        RWKV6Backbone.from_preset(str(preset))

@@ -225,7 +225,26 @@ def install_keras_hub_hook():
             and preset not in preset_utils.BUILTIN_PRESETS
         ):
             raise unknown_preset_error(preset)
-        return original(preset, path)
+        local = original(preset, path)
+        if isinstance(local, str) and local.endswith(".json"):
+            _check_json(local)
+        return local
 
     get_file._keras_rwkv = True
     preset_utils.get_file = get_file
+
+
+def _check_json(path):
+    """A preset's JSON file that does not parse names itself and says
+    what to do (KerasHub would show a bare JSONDecodeError)."""
+    from keras_rwkv.models.rwkv6.rwkv6_weight_checks import PresetLoadError
+    from keras_rwkv.models.rwkv6.rwkv6_weight_checks import remedy
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PresetLoadError(
+            f"{path} cannot be read ({type(e).__name__}: {e}); the preset "
+            f"is damaged or incomplete.\n{remedy(path)}"
+        ) from None

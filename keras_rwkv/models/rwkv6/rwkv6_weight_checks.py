@@ -16,7 +16,7 @@ class PresetLoadError(OSError):
     """A preset's weights cannot be used; the message says what to do."""
 
 
-def _remedy(filepath):
+def remedy(filepath):
     directory = os.path.dirname(os.path.abspath(os.fspath(filepath)))
     return (
         f"Delete {directory} and load it again (a named preset is then "
@@ -32,7 +32,7 @@ def load_checked(load, filepath, variables):
         raise PresetLoadError(
             f"{filepath} cannot be read ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); the preset is "
-            f"damaged or incomplete.\n{_remedy(filepath)}"
+            f"damaged or incomplete.\n{remedy(filepath)}"
         ) from e
     if settings.flag(ALLOW_NON_FINITE_ENV_VAR, default=False):
         return
@@ -51,6 +51,6 @@ def load_checked(load, filepath, variables):
         shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
         raise PresetLoadError(
             f"{filepath}: NaN or infinite values in {shown}; every output "
-            f"would be NaN.\n{_remedy(filepath)} (To load it anyway: "
+            f"would be NaN.\n{remedy(filepath)} (To load it anyway: "
             f"{ALLOW_NON_FINITE_ENV_VAR}=1.)"
         )
