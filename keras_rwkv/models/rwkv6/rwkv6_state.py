@@ -116,8 +116,8 @@ class RWKV6State(NamedTuple):
             if isinstance(e, _StateFormatError):
                 raise ValueError(str(e)) from None
             raise ValueError(
-                f"{path} is not a readable RWKV6State file (saved with "
-                f"RWKV6State.save): {type(e).__name__}: {e}. It may be "
+                f"{path} is not an RWKV6State file that can be read (saved "
+                f"with RWKV6State.save): {type(e).__name__}: {e}. It may be "
                 "damaged or truncated; save the state again."
             ) from None
         dtype = dtype or saved_dtype
