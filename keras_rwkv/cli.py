@@ -56,11 +56,8 @@ def _convert(args):
 def _import_keras(args):
     """Imports Keras and KerasHub on the chosen backend and registers our
     classes and presets; says which backend in `--verbose`."""
-    quiet = not args.verbose and entry.choice is not None
-    tensorflow = entry.choice is not None and entry.choice[0] == "tensorflow"
-    with entry.native_stderr_silenced(enabled=quiet and tensorflow):
-        import keras
-        import keras_hub  # noqa: F401
+    import keras
+    import keras_hub  # noqa: F401
 
     import keras_rwkv
 
@@ -92,10 +89,15 @@ def _load_model(args):
     try:
         lm = keras_hub.models.CausalLM.from_preset(args.preset, **kwargs)
     except (ValueError, FileNotFoundError) as e:
+        from keras_rwkv.utils.preset_cache import MANIFEST
+
+        unknown = not os.path.exists(args.preset) and "://" not in args.preset
+        reason = "no such preset or directory" if unknown else _reason(e)
+        reason = reason.rstrip(".")
         raise CommandError(
-            f"cannot load preset {args.preset!r}: {e}\n"
-            "Pass --preset with a preset name or a directory made by "
-            "`keras-rwkv convert MODEL.pth DIR`."
+            f"cannot load preset {args.preset!r}: {reason}.\n"
+            f"Pass --preset with a preset name ({', '.join(sorted(MANIFEST))})"
+            " or a directory made by `keras-rwkv convert MODEL.pth DIR`."
         ) from e
     log.info("loaded %s in %.1f s", args.preset, time.perf_counter() - started)
     inner = {
@@ -540,6 +542,8 @@ def _explained_errors():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if not args.verbose and entry.choice and entry.choice[0] == "tensorflow":
+        entry.drop_native_stderr()  # TensorFlow's C++ start-up lines
     _setup_logging(args.verbose)
     if entry.choice is not None and entry.choice[0] not in entry.BACKENDS:
         print(

@@ -16,7 +16,6 @@ who never set `KERAS_BACKEND` would get the slowest path. So the package's
 Nothing here imports Keras; in any other process it does nothing.
 """
 
-import contextlib
 import importlib.util
 import os
 import sys
@@ -93,22 +92,21 @@ def prepare_cli_process():
     return True
 
 
-@contextlib.contextmanager
-def native_stderr_silenced(enabled=True):
-    """Sends the process's file descriptor 2 to /dev/null meanwhile: the
-    lines TensorFlow's C++ runtime prints at import time, before its log
+def drop_native_stderr():
+    """Sends what native code writes to file descriptor 2 to /dev/null for
+    the rest of the process, while Python's `sys.stderr` (our messages,
+    warnings, tracebacks) keeps the real stderr: TensorFlow's C++ runtime
+    prints its start-up lines at import and at first use, before its log
     settings apply."""
-    if not enabled:
-        yield
-        return
     sys.stderr.flush()
-    saved = os.dup(2)
+    real = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    os.close(devnull)
+    sys.stderr = os.fdopen(
+        real,
+        "w",
+        buffering=1,
+        encoding=sys.stderr.encoding,
+        errors="backslashreplace",
+    )

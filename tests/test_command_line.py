@@ -78,6 +78,17 @@ def test_console_script_runs_on_jax_and_quietly(preset, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert proc.stdout.startswith("Hello")
+    # TensorFlow's C++ start-up lines are not shown either; errors are.
+    tf = [SCRIPT, *generate_args(preset, "--backend", "tensorflow")]
+    proc, _ = run(tf, env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    proc, _ = run(
+        [SCRIPT, *generate_args("/nonexistent", "--backend", "tensorflow")], env
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: cannot load preset '/nonexistent'")
+    assert len(proc.stderr.strip().splitlines()) == 2
 
 
 def test_python_m_and_an_explicit_backend(preset, tmp_path):
