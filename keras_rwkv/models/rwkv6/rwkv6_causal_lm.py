@@ -237,6 +237,8 @@ class RWKV6CausalLM(CausalLM):
             An `RWKV6State` of batch B (1 for a single string).
         """
         rows, _ = self._prompt_rows(inputs)
+        if not rows:
+            raise ValueError("prefill() got an empty batch.")
         length = bucket_length(max(1, max(len(r) for r in rows)))
         ids = left_pad(rows, length, fill=-1)
         return self._read(ids, self._prepare_state(state, len(rows)))
@@ -517,13 +519,6 @@ def _compact(outputs):
     left-padded to the longest row."""
     ids = np.asarray(ops.convert_to_numpy(outputs["token_ids"]))
     mask = np.asarray(ops.convert_to_numpy(outputs["padding_mask"]))
-    mask = mask.astype(bool)
-    rows = [r[m] for r, m in zip(ids, mask)]
-    width = max(1, max(len(r) for r in rows))
-    out_ids = np.zeros((len(rows), width), ids.dtype)
-    out_mask = np.zeros((len(rows), width), bool)
-    for i, row in enumerate(rows):
-        if len(row):
-            out_ids[i, width - len(row) :] = row
-            out_mask[i, width - len(row) :] = True
-    return {"token_ids": out_ids, "padding_mask": out_mask}
+    rows = [r[m] for r, m in zip(ids, mask.astype(bool))]
+    padded = left_pad(rows, max(1, max(len(r) for r in rows)), fill=-1)
+    return {"token_ids": np.maximum(padded, 0), "padding_mask": padded >= 0}

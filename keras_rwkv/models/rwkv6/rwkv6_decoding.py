@@ -35,7 +35,7 @@ def left_pad(rows, length, width=None, fill=0):
     width = width or length
     ids = np.full((len(rows), width), fill, "int32")
     for i, row in enumerate(rows):
-        if row:
+        if len(row):
             ids[i, length - len(row) : length] = row
     return ids
 
