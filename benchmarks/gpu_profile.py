@@ -32,8 +32,9 @@ def kind_of(name):
 def summarize(events, top=8):
     """Per GPU: the time each kind of kernel took (ms, summed over
     streams), the span from first kernel start to last kernel end, the
-    time at least one kernel ran (busy), and the biggest kernels (`top`
-    overall, then `top` of kind "other")."""
+    number of kernels, the time at least one kernel ran (busy), and the
+    biggest kernels as (name, ms, launches) (`top` overall, then `top` of
+    kind "other")."""
     process, thread = {}, {}
     for e in events:
         if e.get("ph") != "M":
@@ -52,9 +53,12 @@ def summarize(events, top=8):
         # repeat them per HLO op.
         if "GPU" not in pname or not tname.startswith("Stream"):
             continue
-        gpu = per_gpu.setdefault(pname, {"spans": [], "names": {}})
+        gpu = per_gpu.setdefault(
+            pname, {"spans": [], "names": {}, "counts": {}}
+        )
         gpu["spans"].append((e["ts"], e["ts"] + e["dur"]))
         gpu["names"][e["name"]] = gpu["names"].get(e["name"], 0.0) + e["dur"]
+        gpu["counts"][e["name"]] = gpu["counts"].get(e["name"], 0) + 1
     out = {}
     for pname, gpu in sorted(per_gpu.items()):
         kinds = {}
@@ -73,9 +77,13 @@ def summarize(events, top=8):
         biggest = list(dict(biggest).items())
         out[pname] = {
             "span_ms": (spans[-1][1] - spans[0][0]) / 1e3,
+            "kernels": len(spans),
             "busy_ms": busy / 1e3,
             "kinds_ms": {k: round(v, 3) for k, v in sorted(kinds.items())},
-            "top": [(name[:90], round(us / 1e3, 3)) for name, us in biggest],
+            "top": [
+                (name[:90], round(us / 1e3, 3), gpu["counts"][name])
+                for name, us in biggest
+            ],
         }
     return out
 
@@ -110,6 +118,6 @@ def format_summary(summary):
             f"{pname}: span {s['span_ms']:.1f} ms, busy {s['busy_ms']:.1f} ms"
             f"; kernel ms by kind: {kinds}"
         )
-        for name, ms in s["top"]:
-            lines.append(f"    {ms:8.2f} ms  {name}")
+        for name, ms, count in s["top"]:
+            lines.append(f"    {ms:8.2f} ms {count:6d}x  {name}")
     return "\n".join(lines)

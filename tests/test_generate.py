@@ -51,7 +51,11 @@ def generated(out, n):
     ]
 
 
-def test_greedy_matches_blinkdl_loop(blinkdl_pair):
+@pytest.mark.parametrize("step_rows", ["1", "2"])
+def test_greedy_matches_blinkdl_loop(blinkdl_pair, step_rows, monkeypatch):
+    # Two rows is how a batch-1 step's projections run on a GPU
+    # (`rwkv6_projection.py`); forced here to check the CPU gets the same.
+    monkeypatch.setenv("KERAS_RWKV_STEP_ROWS", step_rows)
     path, backbone = blinkdl_pair
     prompt = [5, 17, 99, 3, 250, 42, 7]
     model = blinkdl_model(path)

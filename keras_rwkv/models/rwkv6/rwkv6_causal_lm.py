@@ -20,6 +20,7 @@ from keras_rwkv.models.rwkv6.rwkv6_decoding import left_pad
 from keras_rwkv.models.rwkv6.rwkv6_decoding import sampler_loop
 from keras_rwkv.models.rwkv6.rwkv6_generate_inputs import prompt_rows
 from keras_rwkv.models.rwkv6.rwkv6_generate_inputs import stop_ids
+from keras_rwkv.models.rwkv6.rwkv6_quantize import quantize_with_filter
 from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
 
 # Streaming: the longest segment decoded between two deliveries.
@@ -97,6 +98,17 @@ class RWKV6CausalLM(CausalLM):
             )
         self._compiled_functions = {}
         self._trainable_at_compile = self._trainable_paths()
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Keras's `quantize` (`"int8"`, `"int4"`, `"float8"`, ...) over
+        the projections, the embedding and the head; the tokenizer, the WKV
+        math, the decay and the norms are left as they are. Save with
+        `save_to_preset`; `from_preset` loads it quantized."""
+        quantize_with_filter(super().quantize, mode, config, filters, kwargs)
+
+    def _post_quantize(self, mode, **kwargs):
+        super()._post_quantize(mode, **kwargs)
+        self._compiled_functions = {}
 
     def _trainable_paths(self):
         return sorted(v.path for v in self.trainable_variables)

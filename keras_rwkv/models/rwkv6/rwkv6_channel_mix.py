@@ -1,6 +1,8 @@
 import keras
 from keras import ops
 
+from keras_rwkv.models.rwkv6.rwkv6_projection import project
+
 
 @keras.saving.register_keras_serializable(package="keras_rwkv")
 class RWKV6ChannelMix(keras.layers.Layer):
@@ -65,9 +67,9 @@ class RWKV6ChannelMix(keras.layers.Layer):
         """Args: `x` `[B, T, C]` layer-normed input; `previous` `[B, T, C]`
         the previous real token's `x`. Returns `[B, T, C]`."""
         sx = previous - x
-        k = self.key(x + sx * self.time_maa_k)
-        r = self.receptance(x + sx * self.time_maa_r)
-        return ops.sigmoid(r) * self.value(ops.square(ops.relu(k)))
+        k = project(self.key, x + sx * self.time_maa_k)
+        r = project(self.receptance, x + sx * self.time_maa_r)
+        return ops.sigmoid(r) * project(self.value, ops.square(ops.relu(k)))
 
     def get_config(self):
         config = super().get_config()

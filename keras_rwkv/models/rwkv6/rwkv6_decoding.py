@@ -26,6 +26,7 @@ import numpy as np
 from keras import ops
 from keras_hub.samplers import Sampler
 
+from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
 from keras_rwkv.samplers.penalty_sampler import PenaltySampler
 
 
@@ -110,6 +111,8 @@ def decode_steps(
         )
 
     def body(tokens, state, index, finished):
+        # `state` is the per-layer list inside the loop (see
+        # `RWKV6Backbone.call_with_state`).
         rows = ops.shape(tokens)[0]
         fed = ops.slice(tokens, [0, index - 1], [rows, 1])
         logits, _, state = lm.call_with_state(
@@ -132,17 +135,18 @@ def decode_steps(
         tokens = ops.slice_update(tokens, [0, index], token[:, None])
         return tokens, state, index + 1, finished
 
-    return lm.sampler.run_loop(
+    tokens, layers, index, finished = lm.sampler.run_loop(
         cond,
         body,
         model=lm,
         loop_vars=(
             tokens,
-            state,
+            state.layers(),
             ops.cast(index, "int32"),
             ops.cast(finished, "bool"),
         ),
     )
+    return tokens, RWKV6State.from_layers(layers), index, finished
 
 
 def sampler_loop(lm, tokens, state, row_end, prompt_len, stop_ids):

@@ -77,6 +77,10 @@ class RWKV6State(NamedTuple):
             self.wkv[:, index],
         )
 
+    def layers(self):
+        """Every layer's state, `[self.layer(i) for i in range(L)]`."""
+        return [self.layer(i) for i in range(self.wkv.shape[1])]
+
     def save(self, path):
         """Writes the state to `path` (a `.npz` file; see `load`).
 

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_rwkv.models.rwkv6.rwkv6_projection import project
 from keras_rwkv.ops.wkv6 import wkv6
 
 
@@ -156,10 +157,10 @@ class RWKV6TimeMix(keras.layers.Layer):
         x_w, x_k, x_v, x_r, x_g = (mixed[:, :, i] for i in range(5))
 
         mask = ops.cast(padding_mask, self.compute_dtype)[:, :, None]
-        r = self.receptance(x_r)
-        k = self.key(x_k) * mask  # a pad adds nothing to the state...
-        v = self.value(x_v)
-        g = ops.silu(self.gate(x_g))
+        r = project(self.receptance, x_r)
+        k = project(self.key, x_k) * mask  # a pad adds nothing to the state...
+        v = project(self.value, x_v)
+        g = ops.silu(project(self.gate, x_g))
 
         decay_lora = ops.matmul(
             ops.tanh(ops.matmul(x_w, self.time_decay_w1)),
@@ -187,7 +188,7 @@ class RWKV6TimeMix(keras.layers.Layer):
         y = self._group_norm(ops.cast(y, "float32"))
         y = ops.reshape(y, (batch, seq_len, self.hidden_dim))
         y = ops.cast(y, self.compute_dtype) * g
-        return self.output_dense(y), wkv_state
+        return project(self.output_dense, y), wkv_state
 
     def _group_norm(self, y):
         """Per-head normalisation in float32, then the `ln_x` affine."""

@@ -1,0 +1,63 @@
+"""Which layers `quantize` touches in an RWKV6 model.
+
+Keras quantizes layer by layer. RWKV6 quantizes its projections (every
+`Dense`: receptance, key, value, gate and output of TimeMix, the three of
+ChannelMix) and, in int8, the embedding and the head (the
+`ReversibleEmbedding`). Nothing else: the WKV recurrence, the decay and
+its LoRA, the token-shift mixes and every norm keep their dtype, so the
+state stays exact float32.
+
+int4 leaves the embedding and head as they are: Keras 3.15 reloads an
+int4 `ReversibleEmbedding` with an activation quantizer it did not have
+when it was quantized, so a saved model would not give the logits it gave
+before saving (about 1% apart). float8 has no embedding form in Keras.
+
+Keras checks `type(layer) is Dense` unless told not to (`type_check`);
+KerasHub's `ReversibleEmbedding` subclasses Keras's, so the filter below
+picks the layers and the type check is off.
+"""
+
+import re
+
+import keras
+
+QUANTIZED_LAYERS = {
+    "int8": (
+        keras.layers.Dense,
+        keras.layers.EinsumDense,
+        keras.layers.Embedding,
+    ),
+    "int4": (keras.layers.Dense, keras.layers.EinsumDense),
+    "float8": (keras.layers.Dense, keras.layers.EinsumDense),
+}
+
+
+def _matches(layer, filters):
+    # Keras's own semantics: a regex on the layer name, a list of them, or
+    # a callable.
+    if filters is None:
+        return True
+    if isinstance(filters, str):
+        return bool(re.search(filters, layer.name))
+    if isinstance(filters, (list, tuple)):
+        return any(re.search(pattern, layer.name) for pattern in filters)
+    return bool(filters(layer))
+
+
+def quantize_with_filter(quantize, mode, config, filters, kwargs):
+    """Calls Keras's `Model.quantize` (`quantize`, unbound from the
+    model) on the layers RWKV6 quantizes in `mode`.
+
+    Modes with a calibration pass of their own (`gptq`, `awq`) go to
+    Keras unchanged."""
+    kinds = QUANTIZED_LAYERS.get(mode)
+    if kinds is None:
+        return quantize(mode, config=config, filters=filters, **kwargs)
+    kwargs.pop("type_check", None)  # `keep` does the type check
+
+    def keep(layer):
+        return isinstance(layer, kinds) and _matches(layer, filters)
+
+    return quantize(
+        mode, config=config, filters=keep, type_check=False, **kwargs
+    )

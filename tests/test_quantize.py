@@ -1,0 +1,138 @@
+"""`quantize` on RWKV6 the Keras way: which layers, how close, round trip."""
+
+import warnings
+
+import keras_hub
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_rwkv import RWKV6Backbone
+from keras_rwkv import RWKV6CausalLM
+from keras_rwkv.models.rwkv6.rwkv6_projection import step_rows
+from tests.reference import save_tiny_world_preset
+
+# Largest logit error of the quantized model, as a fraction of the float
+# model's largest logit (random tiny World model, weights N(0, 0.05)).
+TOLERANCE = {"int8": 0.05, "int4": 0.1, "float8": 0.05}
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("float")
+    save_tiny_world_preset(path, spread=0.05, seed=3)
+    return str(path)
+
+
+def inputs(seed=0):
+    ids = np.random.default_rng(seed).integers(1, 65000, (2, 9))
+    ids = ids.astype("int32")
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    return {"token_ids": ids, "padding_mask": mask}
+
+
+def logits(lm, x):
+    return ops.convert_to_numpy(lm(x)).astype("float64")
+
+
+def quantized_paths(model):
+    return {
+        layer.path
+        for layer in model._flatten_layers()
+        if layer.quantization_mode is not None
+    }
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "float8"])
+def test_quantized_causal_lm_is_close_and_round_trips(preset, mode, tmp_path):
+    lm = keras_hub.models.CausalLM.from_preset(preset)
+    x = inputs()
+    reference = logits(lm, x)
+    float_weights = {
+        v.path: ops.convert_to_numpy(v)
+        for v in lm.weights
+        if "time_decay" in v.path or "ln" in v.path or "time_faaaa" in v.path
+    }
+    lm.quantize(mode)  # with the tokenizer attached: it used to raise
+
+    paths = quantized_paths(lm.backbone)
+    projections = {
+        f"block_{i}/{mix}/{name}"
+        for i in range(2)
+        for mix, names in (
+            ("time_mix", ("receptance", "key", "value", "gate", "output")),
+            ("channel_mix", ("key", "receptance", "value")),
+        )
+        for name in names
+    }
+    head = {"token_embedding"} if mode == "int8" else set()
+    assert paths == projections | head
+    # The WKV math's weights, the decay and the norms are left as they were.
+    for v in lm.weights:
+        if v.path in float_weights:
+            np.testing.assert_array_equal(
+                ops.convert_to_numpy(v), float_weights[v.path]
+            )
+
+    got = logits(lm, x)
+    error = np.abs(got - reference).max() / np.abs(reference).max()
+    assert 0 < error <= TOLERANCE[mode]
+
+    lm.save_to_preset(str(tmp_path))
+    again = keras_hub.models.CausalLM.from_preset(str(tmp_path))
+    assert quantized_paths(again.backbone) == paths
+    np.testing.assert_array_equal(logits(again, x), got)
+
+
+def test_quantized_generate_is_the_step_by_step_greedy(preset):
+    lm = keras_hub.models.CausalLM.from_preset(preset)
+    lm.compile(sampler="greedy")
+    prompt = {"token_ids": np.array([[11, 250, 3000, 7]])}
+    prompt["padding_mask"] = np.ones_like(prompt["token_ids"])
+    lm.generate(prompt, max_new_tokens=4, stop_token_ids=None)
+    lm.quantize("int8")
+    assert lm._compiled_functions == {}  # the float program is dropped
+
+    out = lm.generate(prompt, max_new_tokens=4, stop_token_ids=None)
+    tokens = prompt["token_ids"][0].tolist()
+    step_logits, _, state = lm.call_with_state(prompt["token_ids"])
+    for _ in range(4):
+        token = int(np.argmax(ops.convert_to_numpy(step_logits)[0, -1]))
+        tokens.append(token)
+        step_logits, _, state = lm.call_with_state(
+            np.array([[token]]), None, state
+        )
+    kept = np.asarray(out["padding_mask"])[0].astype(bool)
+    assert np.asarray(out["token_ids"])[0][kept].tolist() == tokens
+
+
+def test_bad_quantize_mode_and_step_rows(preset, monkeypatch):
+    lm = keras_hub.models.CausalLM.from_preset(preset)
+    with pytest.raises(ValueError, match="int3"):
+        lm.quantize("int3")
+    monkeypatch.setenv("KERAS_RWKV_STEP_ROWS", "two")
+    with pytest.raises(ValueError, match="KERAS_RWKV_STEP_ROWS"):
+        step_rows()
+    monkeypatch.setenv("KERAS_RWKV_STEP_ROWS", "1")
+    assert step_rows() == 1
+
+
+def test_backbone_quantize_offers_keras_only_what_it_quantizes():
+    # Called on the backbone itself: no warnings about LayerNormalization
+    # or InputLayer, which are never offered to Keras.
+    backbone = RWKV6Backbone(
+        vocabulary_size=300,
+        num_layers=1,
+        hidden_dim=64,
+        intermediate_dim=128,
+        head_size=32,
+        mix_lora_dim=4,
+        decay_lora_dim=8,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        backbone.quantize("int8")
+    assert "token_embedding" in quantized_paths(backbone)
+    x = {"token_ids": np.ones((1, 3), "int32"), "padding_mask": np.ones((1, 3))}
+    assert RWKV6CausalLM(backbone)(x).shape == (1, 3, 300)
