@@ -80,6 +80,25 @@ def test_two_pieces_equal_whole():
         )
 
 
+def test_state_as_per_layer_list_is_the_same_state():
+    # The form the decoding loop carries (`RWKV6State.layers()`).
+    backbone = tiny_backbone()
+    ids = tokens(6, seed=4, batch=2)
+    _, state = backbone.call_with_state(ids[:, :4])
+    hidden, whole = backbone.call_with_state(ids[:, 4:], state=state)
+    hidden_l, layers = backbone.call_with_state(
+        ids[:, 4:], state=state.layers()
+    )
+    assert isinstance(layers, list) and len(layers) == backbone.num_layers
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(hidden_l), ops.convert_to_numpy(hidden)
+    )
+    for a, b in zip(RWKV6State.from_layers(layers), whole):
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(a), ops.convert_to_numpy(b)
+        )
+
+
 def test_token_by_token_equals_whole():
     # Decoding steps (T = 1) run the same layers as the sequence path.
     backbone = tiny_backbone()

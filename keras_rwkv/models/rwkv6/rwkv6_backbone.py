@@ -5,6 +5,7 @@ from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
 from keras_rwkv.models.rwkv6.rwkv6_block import RWKV6Block
+from keras_rwkv.models.rwkv6.rwkv6_layout_map import layout_map
 from keras_rwkv.models.rwkv6.rwkv6_quantize import quantize_with_filter
 from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import shift_indices
@@ -212,59 +213,9 @@ class RWKV6Backbone(Backbone):
             print(v.path, v.shape, v.value.sharding.spec)
         ```
         """
-        # Weight paths and shapes (1.6B: C=2048, F=7168, V=65536):
-        # token_embedding/embeddings              (V, C)
-        # token_embedding/reverse_embeddings      (C, V)  the untied head
-        # block_i/time_mix/{receptance,key,value,gate}/kernel  (C, C)
-        # block_i/time_mix/output/kernel          (C, C)
-        # block_i/channel_mix/key/kernel          (C, F)
-        # block_i/channel_mix/receptance/kernel   (C, C)
-        # block_i/channel_mix/value/kernel        (F, C)
-        # .../lora_kernel_a (in, rank), .../lora_kernel_b (rank, out)
-        # block_i/initial_wkv (H, N, N), block_i/initial_shift (2, C)
-        # and vectors / small LoRA matrices of the token shift and decay.
-        if not isinstance(device_mesh, keras.distribution.DeviceMesh):
-            raise ValueError(
-                "Invalid device_mesh type. Expected "
-                f"`keras.distribution.DeviceMesh`, got {type(device_mesh)}"
-            )
-        for name in (model_parallel_dim_name, data_parallel_dim_name):
-            if name is not None and name not in device_mesh.axis_names:
-                raise ValueError(
-                    f"{name} is not found in the device_mesh.axis_names: "
-                    f"{device_mesh.axis_names}"
-                )
-        model_dim = model_parallel_dim_name
-        data_dim = data_parallel_dim_name
-        # Column-parallel (output channels over the model axis) and
-        # row-parallel (input channels over the model axis) kernels. The
-        # data axis on the other dimension is the FSDP part.
-        column = (data_dim, model_dim)
-        row = (model_dim, data_dim)
-        layout_map = keras.distribution.LayoutMap(device_mesh)
-        # Embedding rows and head columns by vocabulary (vocab-parallel).
-        layout_map["token_embedding/embeddings"] = row
-        layout_map["token_embedding/reverse_embeddings"] = column
-        prefix = r"(.*/)?block_\d+/"
-        kernels = {
-            r"time_mix/(receptance|key|value|gate)/": column,
-            r"time_mix/output/": row,
-            r"channel_mix/(key|receptance)/": column,
-            r"channel_mix/value/": row,
-        }
-        for layer, (in_axis, out_axis) in kernels.items():
-            layout_map[prefix + layer + "kernel"] = (in_axis, out_axis)
-            # LoRA: kernel + a @ b keeps the kernel's layout when `a` is
-            # split like its input dim and `b` like its output dim.
-            layout_map[prefix + layer + "lora_kernel_a"] = (in_axis, None)
-            layout_map[prefix + layer + "lora_kernel_b"] = (None, out_axis)
-        # The ChannelMix output (and so the residual stream) whole on every
-        # model shard. Left free, the partitioner keeps it split by channel
-        # like the column-parallel receptance it is multiplied with, and
-        # then every layer norm and projection gathers it back: 6 gathers a
-        # layer instead of one, which made 2-GPU decoding slower than one.
-        layout_map[prefix + "channel_mix/output"] = (data_dim, None, None)
-        return layout_map
+        return layout_map(
+            device_mesh, model_parallel_dim_name, data_parallel_dim_name
+        )
 
     def default_lora_layer_names(self):
         """LoRA targets: the TimeMix receptance/key/value/gate/output and the
@@ -384,57 +335,22 @@ class RWKV6Backbone(Backbone):
             self.set_tuned_state_arrays(data["wkv"], shift)
 
     def export_time_state(self, path, drop_time_shift=False):
-        """Writes the tuned WKV state in the RWKV-PEFT / BlinkDL format: a
-        `.pth` of `blocks.{i}.att.time_state` `[H, N, N]` float32 in
-        (value, key) order, which BlinkDL's `rwkv` applies when merged into
-        the model's state dict. Needs torch.
+        """Writes the tuned WKV state as an RWKV-PEFT / BlinkDL
+        `blocks.{i}.att.time_state` `.pth` (needs torch). That format has
+        no token-shift states: if they are tuned, pass
+        `drop_time_shift=True` (or keep everything with
+        `save_tuned_state`). See `convert/rwkv_peft.py`."""
+        from keras_rwkv.convert import rwkv_peft
 
-        That format has no token-shift states: if they are tuned, pass
-        `drop_time_shift=True` to export the WKV state alone (or keep
-        everything with `save_tuned_state`).
-        """
-        arrays = self.tuned_state_arrays()
-        if "shift" in arrays and not drop_time_shift:
-            raise ValueError(
-                "The RWKV-PEFT time_state format cannot hold the tuned "
-                "token-shift states. Pass drop_time_shift=True to export the "
-                "WKV state alone, or use save_tuned_state() to keep both."
-            )
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(
-                "Writing a .pth needs torch: pip install torch."
-            ) from None
-        state = {
-            f"blocks.{i}.att.time_state": torch.from_numpy(
-                np.ascontiguousarray(np.swapaxes(wkv, -1, -2))
-            )
-            for i, wkv in enumerate(arrays["wkv"])
-        }
-        torch.save(state, str(path))
-        return str(path)
+        return rwkv_peft.export_time_state(self, path, drop_time_shift)
 
     def import_time_state(self, path):
-        """Reads `blocks.{i}.att.time_state` from an RWKV-PEFT / BlinkDL
-        `.pth` (a state file, or a model file with the states merged in)
-        into the tuned WKV state, without executing code from it."""
-        from keras_rwkv.convert import CheckpointError
-        from keras_rwkv.convert import load_torch_checkpoint
-        from keras_rwkv.convert.blinkdl import time_state_arrays
+        """Reads an RWKV-PEFT / BlinkDL time-state `.pth` (a state file or
+        a model with the states merged in) into the tuned WKV state,
+        without executing code from it."""
+        from keras_rwkv.convert import rwkv_peft
 
-        wkv = time_state_arrays(
-            load_torch_checkpoint(path), self.num_layers, str(path)
-        )
-        if wkv is None:
-            raise CheckpointError(
-                f"{path} holds no blocks.*.att.time_state; it is not an "
-                "RWKV-PEFT state file."
-            )
-        shift = None
-        if self.tuned_state == "wkv+shift":
-            shift = self.tuned_state_arrays()["shift"]
-        self.set_tuned_state_arrays(wkv, shift)
+        rwkv_peft.import_time_state(self, path)
 
     def initial_state(self, batch_size=1):
         """The state a sequence starts from when none is given: the tuned

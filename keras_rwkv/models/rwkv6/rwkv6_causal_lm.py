@@ -1,4 +1,3 @@
-import itertools
 import math
 
 import keras
@@ -13,6 +12,7 @@ from keras_rwkv.models.rwkv6.rwkv6_backbone import RWKV6Backbone
 from keras_rwkv.models.rwkv6.rwkv6_causal_lm_preprocessor import (
     RWKV6CausalLMPreprocessor,
 )
+from keras_rwkv.models.rwkv6.rwkv6_compiled import compile_for_backend
 from keras_rwkv.models.rwkv6.rwkv6_decoding import decode_steps
 from keras_rwkv.models.rwkv6.rwkv6_decoding import has_own_loop
 from keras_rwkv.models.rwkv6.rwkv6_decoding import kept_mask
@@ -166,58 +166,11 @@ class RWKV6CausalLM(CausalLM):
         )
 
     def _compiled(self, key, fn):
-        """`fn(*tensors)` compiled for this model's backend, once per key.
-
-        On JAX the whole function is one `jax.jit` program with the model
-        and sampler variables passed in (as KerasHub's generate does)."""
-        if key in self._compiled_functions:
-            return self._compiled_functions[key]
-        backend = keras.config.backend()
-        sampler_vars = self.sampler.variables if self.sampler else []
-        if backend == "jax" and not self.run_eagerly:
-            import jax
-
-            @jax.jit
-            def compiled(variables, *args):
-                sampler_v, trainable_v, non_trainable_v = variables
-                mapping = itertools.chain(
-                    zip(sampler_vars, sampler_v),
-                    zip(self.trainable_variables, trainable_v),
-                    zip(self.non_trainable_variables, non_trainable_v),
-                )
-                with keras.StatelessScope(state_mapping=mapping) as scope:
-                    out = _replicate_over_processes(fn(*args))
-                new_sampler_v = [
-                    scope.get_current_value(v)
-                    if scope.get_current_value(v) is not None
-                    else v.value
-                    for v in sampler_vars
-                ]
-                return out, new_sampler_v
-
-            def run(*args):
-                variables = (
-                    [v.value for v in sampler_vars],
-                    [v.value for v in self.trainable_variables],
-                    [v.value for v in self.non_trainable_variables],
-                )
-                args = _shard_batch(args)
-                out, new_sampler_v = compiled(variables, *args)
-                for ref, value in zip(sampler_vars, new_sampler_v):
-                    ref.assign(value)
-                return out
-
-        elif backend == "torch":
-            import torch
-
-            def run(*args):
-                with torch.no_grad():
-                    return fn(*args)
-
-        else:
-            run = fn
-        self._compiled_functions[key] = run
-        return run
+        """`fn` compiled for this backend (`rwkv6_compiled.py`), once per
+        key; `compile` and `quantize` drop them."""
+        if key not in self._compiled_functions:
+            self._compiled_functions[key] = compile_for_backend(self, fn)
+        return self._compiled_functions[key]
 
     def _prepare_state(self, state, batch_size):
         if state is None:
@@ -470,60 +423,6 @@ class RWKV6CausalLM(CausalLM):
                 "the prompt too. Raise max_length or use max_new_tokens."
             )
         return [int(max_length - n) for n in lengths]
-
-
-def _replicate_over_processes(outputs):
-    """Inside the jitted generate: when the mesh spans several processes,
-    makes every output whole on every device, so each host can read it
-    (the rows may have been decoded on other hosts)."""
-    import jax
-
-    distribution = keras.distribution.distribution()
-    if distribution is None or jax.process_count() == 1:
-        return outputs
-    replicated = jax.sharding.NamedSharding(
-        distribution.device_mesh.backend_mesh, jax.sharding.PartitionSpec()
-    )
-    return keras.tree.map_structure(
-        lambda x: (
-            jax.lax.with_sharding_constraint(x, replicated)
-            if hasattr(x, "shape")
-            else x
-        ),
-        outputs,
-    )
-
-
-def _shard_batch(args):
-    """Splits the batch (leading) dim of the array arguments over the
-    data-parallel devices of the current `keras.distribution`, as
-    KerasHub's `generate` does, so each device decodes its own rows. Arrays
-    whose batch does not divide evenly (and scalars) stay replicated, and
-    so does everything when the mesh spans several processes (the outputs
-    must be readable on every host)."""
-    import jax
-
-    distribution = keras.distribution.distribution()
-    if distribution is None or jax.process_count() > 1:
-        return args
-
-    def shard(x):
-        shape = getattr(x, "shape", ())
-        if len(shape) == 0:
-            return x
-        layout = distribution.get_data_layout(shape)
-        axis = None if layout is None else layout.axes[0]
-        if axis is None:
-            return x
-        mesh = layout.device_mesh
-        if shape[0] % mesh.shape[mesh.axis_names.index(axis)]:
-            return x
-        return keras.distribution.distribute_tensor(x, layout)
-
-    return tuple(
-        keras.tree.map_structure(shard, a) if a is not None else None
-        for a in args
-    )
 
 
 def _compact(outputs):

@@ -18,10 +18,12 @@ class RWKV6CausalLMPreprocessor(CausalLMPreprocessor):
     1 for real next tokens and 0 for pads. RWKV World models have no start
     token, so `add_start_token` defaults to False.
 
-    For `generate`, `generate_preprocess` left-pads (an RNN must read real
-    tokens last), keeping the *last* `sequence_length` tokens of an
-    over-long prompt; `generate_postprocess` drops pads and id 0 and
-    decodes.
+    `generate_preprocess` (KerasHub's API, e.g. to build token-id inputs
+    for `generate`) left-pads (an RNN must read real tokens last), keeping
+    the *last* `sequence_length` tokens of an over-long prompt.
+    `RWKV6CausalLM.generate` itself only uses the tokenizer on string
+    prompts and pads them in its own token buffer; `generate_postprocess`
+    drops pads and id 0 and decodes its output.
 
     Works on plain Python strings and numpy arrays without TensorFlow, and
     on string tensors inside a `tf.data` pipeline.

@@ -10,8 +10,9 @@ The chunked form splits time into chunks of `chunk_size`. Inside a chunk
 every pairwise decay `exp(A_{t-1} - A_s)` (A = inclusive cumulative log
 decay, s < t) is formed explicitly, so each factor is <= 1 and nothing can
 overflow however strong the decay is (the usual `r·exp(A)` / `k·exp(-A)`
-factorisation overflows at w_raw ≈ 5). Between chunks only the state is
-passed on, with an associative scan over chunks.
+factorisation overflows once 16·e^{w_raw} > 88, i.e. w_raw ≈ 1.7, with
+chunks of 16). Between chunks only the state is passed on, with an
+associative scan over chunks.
 """
 
 import contextlib
