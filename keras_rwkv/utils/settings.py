@@ -1,5 +1,9 @@
 """Settings read from the environment, in one place.
 
+docs/settings.md has the table of every `KERAS_RWKV_*` variable (a test
+keeps it complete). Here: the cache root, and `flag()`, which the on/off
+switches use:
+
 - `KERAS_RWKV_CACHE`: the cache root (converted presets, CUDA kernel
   builds, JAX's compilation cache). Default `$XDG_CACHE_HOME/keras_rwkv`,
   or `~/.cache/keras_rwkv`. `KERAS_RWKV_CACHE_DIR`, its older name, is
