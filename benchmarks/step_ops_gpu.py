@@ -84,40 +84,6 @@ def chain_dot(jax, jnp, fn, k, n, copies):
     return run
 
 
-def wkv_cases(jnp):
-    def einsum_highest(r, k, v, w, u, s):
-        y = jnp.einsum("bhi,bhij->bhj", r, s, precision="highest")
-        y = y + jnp.sum(r * u * k, -1, keepdims=True) * v
-        return y, jnp.exp(w)[..., None] * s + k[..., :, None] * v[..., None, :]
-
-    def einsum_default(r, k, v, w, u, s):
-        y = jnp.einsum("bhi,bhij->bhj", r, s)
-        y = y + jnp.sum(r * u * k, -1, keepdims=True) * v
-        return y, jnp.exp(w)[..., None] * s + k[..., :, None] * v[..., None, :]
-
-    def multiply_reduce(r, k, v, w, u, s):
-        kv = k[..., :, None] * v[..., None, :]
-        y = jnp.sum(r[..., :, None] * (s + u[..., :, None] * kv), axis=-2)
-        return y, jnp.exp(w)[..., None] * s + kv
-
-    return {
-        "WKV step: einsum precision=highest (as the step is)": einsum_highest,
-        "WKV step: einsum default precision": einsum_default,
-        "WKV step: multiply + reduce": multiply_reduce,
-    }
-
-
-def chain_wkv(jax, jnp, fn, copies):
-    @jax.jit
-    def run(r, k, v, w, u, s):
-        for _ in range(copies):
-            y, s = fn(r, k, v, w, u, s)
-            r = r + y * 1e-9
-        return s
-
-    return run
-
-
 def kernel_ms(summary):
     gpu = next(iter(summary.values()), None)
     if not gpu:
@@ -150,23 +116,6 @@ def main():
             )
             kern, span, count = kernel_ms(summary)
             rows.append((label, case, kern, span, count, nbytes))
-    b, h, nh = 1, 32, 64
-    r, k, v, w = (
-        jnp.asarray(rng.standard_normal((b, h, nh)), jnp.float32)
-        for _ in range(4)
-    )
-    w = -jnp.exp(w)
-    u = jnp.asarray(rng.standard_normal((h, nh)), jnp.float32)
-    s = jnp.asarray(rng.standard_normal((b, h, nh, nh)), jnp.float32)
-    for case, fn in wkv_cases(jnp).items():
-        run = chain_wkv(jax, jnp, fn, copies)
-        jax.block_until_ready(run(r, k, v, w, u, s))
-        summary = profile(
-            lambda run=run: jax.block_until_ready(run(r, k, v, w, u, s))
-        )
-        kern, span, count = kernel_ms(summary)
-        rows.append(("WKV B1 H32 N64", case, kern, span, count, 2 * s.nbytes))
-
     device = jax.devices()[0].device_kind
     lines = [
         f"# card: {device}, jax {jax.__version__}, {copies} chained copies",

@@ -12,6 +12,7 @@ the first and is dropped, so the result is the same.
 is 2 on JAX with a GPU and 1 elsewhere, where it would only add work.
 """
 
+import functools
 import os
 
 import keras
@@ -29,6 +30,13 @@ def step_rows():
                 "turns the padding of batch-1 steps off)."
             )
         return int(value)
+    return _default_rows()
+
+
+@functools.cache
+def _default_rows():
+    # Fixed for the process; cached because torch runs this eagerly, for
+    # every projection of every step.
     if keras.config.backend() != "jax":
         return 1
     import jax
