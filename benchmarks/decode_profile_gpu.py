@@ -28,6 +28,8 @@ from shapes import RWKV6_1B6  # noqa: E402
 # name: (extra XLA flags, quantization mode or None, environment)
 VARIANTS = {
     "base": ("", None, {}),
+    "xla": ("", None, {"KERAS_RWKV_STEP_KERNEL": "xla"}),
+    "int8_xla": ("", "int8", {"KERAS_RWKV_STEP_KERNEL": "xla"}),
     "rows1": ("", None, {"KERAS_RWKV_STEP_ROWS": "1"}),
     "rows8": ("", None, {"KERAS_RWKV_STEP_ROWS": "8"}),
     "cmdbuf": (

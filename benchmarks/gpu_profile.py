@@ -15,6 +15,7 @@ import tempfile
 # Substrings of kernel names (lower case), first match wins.
 KINDS = (
     ("wkv", ("wkv",)),
+    ("matvec", ("matvec",)),
     ("collective", ("nccl", "all-reduce", "all-gather", "reduce-scatter")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_")),
     ("copy", ("memcpy", "memset")),

@@ -46,13 +46,13 @@ def register():
     Returns:
         The compilation cache directory in use, or None.
     """
+    from keras_rwkv import keras_hub_shim
     from keras_rwkv.utils import compile_cache
-    from keras_rwkv.utils.preset_cache import install_keras_hub_hook
 
     for name in _EXPORTS:
         __getattr__(name)
     importlib.import_module("keras_rwkv.samplers")
-    install_keras_hub_hook()
+    keras_hub_shim.install()
     return compile_cache.enable()
 
 

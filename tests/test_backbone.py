@@ -227,3 +227,15 @@ def test_save_to_preset_round_trip(tmp_path):
 def test_rejects_bad_head_size():
     with pytest.raises(ValueError, match="multiple of head_size"):
         RWKV6Backbone(**{**TINY, "hidden_dim": 100})
+
+
+def test_runtime_knobs_stay_out_of_the_saved_config():
+    backbone = tiny_backbone(wkv_kernel="python", wkv_chunk_size=8)
+    config = backbone.get_config()
+    assert "wkv_kernel" not in config and "wkv_chunk_size" not in config
+    # A config that still has them (saved before) loads, and a knob can be
+    # chosen again when loading.
+    old = {**config, "wkv_kernel": "python", "wkv_chunk_size": 4}
+    again = RWKV6Backbone.from_config(old)
+    assert again.wkv_kernel == "python" and again.wkv_chunk_size == 4
+    assert RWKV6Backbone.from_config(config).wkv_kernel == "auto"

@@ -377,7 +377,7 @@ def test_named_seed_preset_from_a_fake_modelscope(
     # export, one by one, through the ModelScope SDK (faked here).
     from modelscope.hub import file_download
 
-    from keras_rwkv.utils.preset_cache import MANIFEST
+    from keras_rwkv.convert.preset_cache import MANIFEST
 
     out, ref = export
     source = MANIFEST["rwkv6_world_1.6b_bert4keras3"]["source"]

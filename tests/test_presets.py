@@ -18,9 +18,9 @@ from keras_rwkv import RWKV6Backbone
 from keras_rwkv import RWKV6CausalLM
 from keras_rwkv import RWKV6Tokenizer
 from keras_rwkv.convert import CheckpointError
-from keras_rwkv.utils import preset_cache
-from keras_rwkv.utils.preset_cache import MANIFEST
-from keras_rwkv.utils.preset_cache import PresetDownloadError
+from keras_rwkv.convert import preset_cache
+from keras_rwkv.convert.preset_cache import MANIFEST
+from keras_rwkv.convert.preset_cache import PresetDownloadError
 from tests.fake_network import resolve_every_name
 from tests.reference import random_rwkv6_state_dict
 

@@ -134,3 +134,31 @@ def test_bad_quantize_mode_and_step_rows(preset, monkeypatch):
         step_rows()
     monkeypatch.setenv("KERAS_RWKV_STEP_ROWS", "1")
     assert step_rows() == 1
+
+
+def test_weight_only_int8_config_round_trips(preset, float_logits, tmp_path):
+    """Keras's weight-only int8 (`activation_quantizer=None`, the form the
+    decoding-step kernel reads as W8A16): the embedding gets a per-row
+    quantizer of its own (the config's is per column). Keras 3.15 does not
+    save the config: the preset reloads as Keras's default int8 (inputs
+    quantized too), still within the int8 tolerance."""
+    from keras.quantizers import AbsMaxQuantizer
+    from keras.quantizers import Int8QuantizationConfig
+
+    lm = keras_hub.models.CausalLM.from_preset(preset)
+    config = Int8QuantizationConfig(
+        weight_quantizer=AbsMaxQuantizer(axis=0), activation_quantizer=None
+    )
+    lm.quantize("int8", config=config)
+    assert "token_embedding" in {p.split("/")[-1] for p in quantized_paths(lm)}
+    dense = lm.backbone.get_layer("block_0").time_mix.key
+    assert dense.quantization_mode == "int8" and dense.inputs_quantizer is None
+    x = inputs()
+    got = logits(lm, x)
+    error = np.abs(got - float_logits).max() / np.abs(float_logits).max()
+    assert 0 < error < TOLERANCE["int8"]
+    lm.save_to_preset(str(tmp_path / "q"))
+    again = keras_hub.models.CausalLM.from_preset(str(tmp_path / "q"))
+    reloaded = logits(again, x)
+    error = np.abs(reloaded - float_logits).max() / np.abs(float_logits).max()
+    assert error < TOLERANCE["int8"]

@@ -25,3 +25,20 @@ def test_every_environment_variable_is_documented_once():
     assert used, "no variables found: the pattern is wrong"
     assert used - documented == set(), "undocumented variables"
     assert documented - used == set(), "documented variables nobody reads"
+
+
+def test_the_environment_is_read_in_settings_only():
+    # entry.py sets KERAS_BACKEND for the command line (Keras's variable);
+    # the WKV kernel's C++ reads its two launch-shape overrides.
+    allowed = {
+        "utils/settings.py",
+        "entry.py",
+        "ops/wkv6/cuda/wkv6_kernels.cuh",
+    }
+    readers = set()
+    for path in (ROOT / "keras_rwkv").rglob("*"):
+        if path.suffix in (".py", ".cu", ".cuh"):
+            text = path.read_text(encoding="utf-8")
+            if "os.environ" in text or "getenv" in text:
+                readers.add(path.relative_to(ROOT / "keras_rwkv").as_posix())
+    assert readers - allowed == set()

@@ -59,7 +59,9 @@ def test_cache_key_follows_sources_arch_and_framework(tmp_path, monkeypatch):
     assert a != build.library_path("torch", "80", "torch2.11")
     assert a != build.library_path("torch", "90", "torch2.12")
     assert a != build.library_path("jax", "90", "torch2.11")
-    with pytest.raises(ValueError, match="Unknown WKV6 CUDA binding"):
+    step = build.library_path("matvec_jax", "90", "torch2.11")
+    assert step.name.startswith("matvec_jax_sm90_") and step != a
+    with pytest.raises(ValueError, match="Unknown CUDA library flavour"):
         build.library_path("tensorflow", "90", "x")
 
 
@@ -72,7 +74,7 @@ def test_build_runs_nvcc_once_then_uses_the_cache(
     assert build.find_nvcc() == str(nvcc)
     path = build.build("jax", "90", "jax-test", include_dirs=["/xla/inc"])
     assert path.is_file()
-    assert "building the WKV6 CUDA kernel" in capsys.readouterr().err
+    assert "building the CUDA kernels (jax" in capsys.readouterr().err
     args = log.read_text()
     assert "-gencode=arch=compute_90,code=sm_90" in args
     assert "-I/xla/inc" in args and "wkv6_jax_ffi.cu" in args

@@ -1,8 +1,10 @@
 """Settings read from the environment, in one place.
 
-docs/settings.md has the table of every `KERAS_RWKV_*` variable (a test
-keeps it complete). Here: the cache root, and `flag()`, which the on/off
-switches use:
+Every environment variable keras-rwkv reads is read here (the command
+line's backend choice in `entry.py` aside, which follows Keras's own
+`KERAS_BACKEND`, and the CUDA kernels' launch-shape overrides, read in
+C++ once per process). docs/settings.md has the table (a test keeps it
+complete):
 
 - `KERAS_RWKV_CACHE`: the cache root (converted presets, CUDA kernel
   builds, JAX's compilation cache). Default `$XDG_CACHE_HOME/keras_rwkv`,
@@ -37,3 +39,76 @@ def flag(name, default=True):
     if not value:
         return default
     return value not in FALSE_WORDS
+
+
+STEP_KERNEL_ENV_VAR = "KERAS_RWKV_STEP_KERNEL"
+STEP_KERNELS = ("auto", "cuda", "xla")
+
+
+def step_kernel():
+    """`KERAS_RWKV_STEP_KERNEL`: which matrix-vector products a decoding
+    step runs (`keras_rwkv.ops.matvec`): "auto" (the CUDA kernel where it
+    runs), "cuda" (it, or an error saying why not) or "xla"."""
+    value = os.environ.get(STEP_KERNEL_ENV_VAR, "").strip().lower()
+    if not value:
+        return "auto"
+    if value not in STEP_KERNELS:
+        raise ValueError(
+            f"{STEP_KERNEL_ENV_VAR}={value!r}: use one of "
+            f"{', '.join(STEP_KERNELS)}."
+        )
+    return value
+
+
+KEEP_DOWNLOADS_ENV_VAR = "KERAS_RWKV_KEEP_DOWNLOADS"
+WKV_KERNEL_ENV_VAR = "KERAS_RWKV_WKV_KERNEL"
+WKV_SEGMENTS_ENV_VAR = "KERAS_RWKV_WKV6_SEGMENTS"
+STEP_ROWS_ENV_VAR = "KERAS_RWKV_STEP_ROWS"
+CUDA_ROOT_ENV_VARS = ("CUDA_HOME", "CUDA_PATH")
+
+
+def keep_downloads():
+    """`KERAS_RWKV_KEEP_DOWNLOADS=1`: keep a checkpoint after converting."""
+    return flag(KEEP_DOWNLOADS_ENV_VAR, default=False)
+
+
+def wkv_kernel_override(choices):
+    """`KERAS_RWKV_WKV_KERNEL`: one of `choices`, or None when unset."""
+    value = os.environ.get(WKV_KERNEL_ENV_VAR, "").strip().lower()
+    if not value:
+        return None
+    if value not in choices:
+        raise ValueError(
+            f"{WKV_KERNEL_ENV_VAR}={value!r} is not a WKV kernel. Use one "
+            f"of {', '.join(choices)}."
+        )
+    return value
+
+
+def _positive_int(name, what):
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(
+            f"{name}={value!r}: expected a positive integer ({what})."
+        )
+    return int(value)
+
+
+def wkv_segments():
+    """`KERAS_RWKV_WKV6_SEGMENTS`: forced time-segment count, or None."""
+    return _positive_int(WKV_SEGMENTS_ENV_VAR, "1 turns the split off")
+
+
+def step_rows():
+    """`KERAS_RWKV_STEP_ROWS`: forced rows of a batch-1 step, or None."""
+    return _positive_int(
+        STEP_ROWS_ENV_VAR, "1 turns the padding of batch-1 steps off"
+    )
+
+
+def cuda_roots():
+    """The CUDA toolkit roots the environment names (`CUDA_HOME`, then
+    `CUDA_PATH`), for finding nvcc."""
+    return [os.environ[n] for n in CUDA_ROOT_ENV_VARS if os.environ.get(n)]

@@ -40,8 +40,10 @@ class RWKV6Backbone(Backbone):
         layer_norm_epsilon: float. Epsilon of every LayerNorm.
         group_norm_epsilon: float. Epsilon of the per-head group norm.
         wkv_kernel: str. WKV implementation: `"auto"`, `"python"` or
-            `"cuda"`. Not a property of the weights; change it freely.
-        wkv_chunk_size: int. Chunk length of the Python WKV path.
+            `"cuda"`. A choice of this run, not saved with the model:
+            pass it to `from_preset` to choose again.
+        wkv_chunk_size: int. Chunk length of the Python WKV path (not
+            saved either).
         tuned_state: `None`, `"wkv"` or `"wkv+shift"`: trainable initial
             states (set by `enable_state_tuning`; kept in presets).
         dtype: string or `keras.DTypePolicy`. The WKV math, the decay and the
@@ -441,8 +443,9 @@ class RWKV6Backbone(Backbone):
                 "decay_lora_dim": self.decay_lora_dim,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "group_norm_epsilon": self.group_norm_epsilon,
-                "wkv_kernel": self.wkv_kernel,
-                "wkv_chunk_size": self.wkv_chunk_size,
+                # `wkv_kernel` and `wkv_chunk_size` are choices of this
+                # run, not of the model: a preset saved on a GPU loads on
+                # a CPU.
                 "tuned_state": self.tuned_state,
             }
         )

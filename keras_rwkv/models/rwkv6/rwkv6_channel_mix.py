@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_rwkv.models.rwkv6.rwkv6_projection import project
+from keras_rwkv.models.rwkv6.rwkv6_projection import project_many
 
 
 @keras.saving.register_keras_serializable(package="keras_rwkv")
@@ -67,8 +68,12 @@ class RWKV6ChannelMix(keras.layers.Layer):
         """Args: `x` `[B, T, C]` layer-normed input; `previous` `[B, T, C]`
         the previous real token's `x`. Returns `[B, T, C]`."""
         sx = previous - x
-        k = project(self.key, x + sx * self.time_maa_k)
-        r = project(self.receptance, x + sx * self.time_maa_r)
+        k, r = project_many(
+            [
+                (self.key, x + sx * self.time_maa_k),
+                (self.receptance, x + sx * self.time_maa_r),
+            ]
+        )
         return ops.sigmoid(r) * project(self.value, ops.square(ops.relu(k)))
 
     def get_config(self):

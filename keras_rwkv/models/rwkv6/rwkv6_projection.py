@@ -1,35 +1,43 @@
-"""The projections of a decoding step, kept on the GPU's matrix kernels.
+"""The projections of a decoding step, kept at the speed of the weights.
 
-At T = 1 and batch 1 a projection is `[1, K] @ [K, N]`. XLA rewrites a
-vector-matrix product with `K * N < 10**7` (every C x C matrix of the
-official models up to 3B) into a multiply and a column reduction, which
-reads the weights at 0.65 TB/s on an H200 (15% of its bandwidth). Two rows
-keep it a matrix product: 2.1 TB/s, and 4.2 TB/s for the feedforward's
-C x F (benchmarks/RESULTS.md, "Decode step"). The second row is a copy of
-the first and is dropped, so the result is the same.
+A decoding step (T = 1) at small batch reads every weight once and does
+little else, so its projections must stream the weights at the card's
+rate. XLA does not: it rewrites `[1, K] @ [K, N]` with `K * N < 10**7`
+(every C x C matrix up to 3B) into a column reduction, 0.65 TB/s on an
+H200, and even padded to two rows its GEMM reads C x C at 2.1 TB/s
+(benchmarks/RESULTS.md, "Decode step").
 
-`KERAS_RWKV_STEP_ROWS` sets the row count (1 turns this off); the default
-is 2 on JAX with a GPU and 1 elsewhere, where it would only add work.
+So, inside the same layers (one code path for sequence and step mode):
+- where the step kernel runs (`keras_rwkv.ops.matvec`: JAX, sm_90+),
+  `project_many` sends a batch-1 step's plain bfloat16 `Dense`
+  projections to it, up to four matrices in one launch;
+- elsewhere, and for a `Dense` it does not take (LoRA, a bias, float32),
+  a batch-1 step's input is padded to `step_rows()` rows (2 on JAX with a
+  GPU, 1 elsewhere; `KERAS_RWKV_STEP_ROWS`), which keeps XLA on a GEMM;
+  the copy is dropped.
 """
 
 import functools
-import os
 
 import keras
 
-ROWS_ENV_VAR = "KERAS_RWKV_STEP_ROWS"
+from keras_rwkv.ops.matvec import step_matvec
+from keras_rwkv.utils import settings
+
+ROWS_ENV_VAR = settings.STEP_ROWS_ENV_VAR
+# Rows of a step the kernel takes. It runs 1 to 8, but beyond one row
+# XLA's GEMM is faster (H200: batch 8 decode 1,931 tok/s on the kernel,
+# 3,512 on XLA; benchmarks/RESULTS.md, "Decode step kernel").
+KERNEL_MAX_ROWS = 1
+KERNEL_MAX_MATRICES = 4
+BF16 = 0  # the kernel's kind for bfloat16 weights
 
 
 def step_rows():
     """How many rows a batch-1 decoding step's projections run as."""
-    value = os.environ.get(ROWS_ENV_VAR, "").strip()
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(
-                f"{ROWS_ENV_VAR}={value!r}: use a whole number >= 1 (1 "
-                "turns the padding of batch-1 steps off)."
-            )
-        return int(value)
+    forced = settings.step_rows()
+    if forced is not None:
+        return forced
     return _default_rows()
 
 
@@ -46,9 +54,83 @@ def _default_rows():
 
 def project(layer, x):
     """`layer(x)` for `x` of shape `[B, T, K]` (a Dense, possibly with
-    LoRA or quantized), with a batch-1 step run as `step_rows()` rows."""
+    LoRA or quantized), run as fast as a step can."""
+    return project_many([(layer, x)])[0]
+
+
+def project_many(pairs):
+    """`[layer(x) for layer, x in pairs]`, the step kernel's share of them
+    in one launch per kind of weight.
+
+    Args:
+        pairs: `(Dense layer, x [B, T, K])` pairs.
+
+    Returns:
+        The outputs `[B, T, N]`, in order.
+    """
+    outputs = [None] * len(pairs)
+    groups = {}
+    op = _kernel_for(pairs[0][1])
+    for i, (layer, x) in enumerate(pairs):
+        found = _kernel_operands(layer, x) if op is not None else None
+        if found is None:
+            outputs[i] = _project_xla(layer, x)
+        else:
+            kind, operands = found
+            groups.setdefault(kind, []).append((i, operands))
+    for kind, members in groups.items():
+        for start in range(0, len(members), KERNEL_MAX_MATRICES):
+            chunk = members[start : start + KERNEL_MAX_MATRICES]
+            flat = [a for _, operands in chunk for a in operands]
+            for (i, _), y in zip(chunk, op(kind, flat)):
+                outputs[i] = keras.ops.expand_dims(y, 1)
+    return outputs
+
+
+def _project_xla(layer, x):
     if x.shape[0] == 1 and x.shape[1] == 1:
         rows = step_rows()
         if rows > 1:
             return layer(keras.ops.repeat(x, rows, axis=0))[:1]
     return layer(x)
+
+
+def _kernel_for(x):
+    """The step kernel for a step input `x`, or None."""
+    batch, seq_len = x.shape[0], x.shape[1]
+    if seq_len != 1 or batch is None or batch > KERNEL_MAX_ROWS:
+        return None
+    if keras.backend.standardize_dtype(x.dtype) != "bfloat16":
+        return None
+    # A distributed model's weights are sharded: XLA partitions its own
+    # matmul, not our kernel.
+    if keras.distribution.distribution() is not None:
+        return None
+    return step_matvec()
+
+
+def _kernel_operands(layer, x):
+    """`(kind, operands)` for the kernel, or None where it does not apply:
+    only a plain `Dense` (no LoRA, bias or activation) with bfloat16
+    weights."""
+    if type(layer) is not keras.layers.Dense or layer.lora_enabled:
+        return None
+    if layer.use_bias or layer.activation not in (
+        None,
+        keras.activations.linear,
+    ):
+        return None
+    if layer.kernel.shape[1] % 16:
+        return None
+    x2 = keras.ops.reshape(x, (x.shape[0], x.shape[2]))
+    kernel = keras.ops.convert_to_tensor(layer.kernel)
+    # bfloat16 weights only: the kernel's int8 forms (which it runs, see
+    # tests/test_matvec_cuda.py) are not yet faster than XLA's (H200:
+    # int8 decode 402 tok/s on the kernel against 451 for bfloat16 on
+    # XLA; benchmarks/RESULTS.md, "Decode step kernel").
+    if layer.quantization_mode is not None:
+        return None
+    if keras.backend.standardize_dtype(kernel.dtype) != "bfloat16":
+        return None
+    x2 = keras.ops.reshape(x, (x.shape[0], x.shape[2]))
+    return BF16, (x2, kernel)

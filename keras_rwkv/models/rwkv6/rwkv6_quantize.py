@@ -55,10 +55,46 @@ def quantize_with_filter(quantize, mode, config, filters, kwargs):
     if kinds is None:
         return quantize(mode, config=config, filters=filters, **kwargs)
     kwargs.pop("type_check", None)  # `keep` does the type check
+    embedding_config = _embedding_config(mode, config)
+    if embedding_config is not config:
+        # An int8 config's weight quantizer is a Dense kernel's (per output
+        # column, axis 0); the embedding table needs per row (axis -1).
+        def embeddings(layer):
+            return isinstance(layer, keras.layers.Embedding) and _matches(
+                layer, filters
+            )
+
+        quantize(
+            mode,
+            config=embedding_config,
+            filters=embeddings,
+            type_check=False,
+            **kwargs,
+        )
+        kinds = tuple(k for k in kinds if k is not keras.layers.Embedding)
 
     def keep(layer):
         return isinstance(layer, kinds) and _matches(layer, filters)
 
     return quantize(
         mode, config=config, filters=keep, type_check=False, **kwargs
+    )
+
+
+def _embedding_config(mode, config):
+    """`config` for the embedding: the same, but per row where an int8
+    config quantizes weights per column."""
+    from keras.quantizers import Int8QuantizationConfig
+
+    if mode != "int8" or not isinstance(config, Int8QuantizationConfig):
+        return config
+    weights = config.weight_quantizer
+    if weights is None:
+        return config
+    # No weight quantizer: Keras then picks its defaults per matrix (per
+    # row for the table, per column for an untied head), where one given
+    # quantizer would serve both and fail on one.
+    return Int8QuantizationConfig(
+        weight_quantizer=None,
+        activation_quantizer=config.activation_quantizer,
     )

@@ -2,6 +2,8 @@ import keras
 from keras import ops
 
 from keras_rwkv.models.rwkv6.rwkv6_projection import project
+from keras_rwkv.models.rwkv6.rwkv6_projection import project_many
+from keras_rwkv.ops.wkv6 import resolve_kernel
 from keras_rwkv.ops.wkv6 import wkv6
 
 
@@ -61,6 +63,10 @@ class RWKV6TimeMix(keras.layers.Layer):
         self.group_norm_epsilon = group_norm_epsilon
         self.wkv_kernel = wkv_kernel
         self.wkv_chunk_size = wkv_chunk_size
+        # What `wkv_kernel` stands for here, resolved at the first call
+        # (so `KERAS_RWKV_WKV_KERNEL` is read once per layer, and building
+        # or loading a model builds no CUDA kernel).
+        self._wkv_resolved = None
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
         def dense(name):
@@ -157,10 +163,16 @@ class RWKV6TimeMix(keras.layers.Layer):
         x_w, x_k, x_v, x_r, x_g = (mixed[:, :, i] for i in range(5))
 
         mask = ops.cast(padding_mask, self.compute_dtype)[:, :, None]
-        r = project(self.receptance, x_r)
-        k = project(self.key, x_k) * mask  # a pad adds nothing to the state...
-        v = project(self.value, x_v)
-        g = ops.silu(project(self.gate, x_g))
+        r, k, v, g = project_many(
+            [
+                (self.receptance, x_r),
+                (self.key, x_k),
+                (self.value, x_v),
+                (self.gate, x_g),
+            ]
+        )
+        k = k * mask  # a pad adds nothing to the state...
+        g = ops.silu(g)
 
         decay_lora = ops.matmul(
             ops.tanh(ops.matmul(x_w, self.time_decay_w1)),
@@ -175,6 +187,8 @@ class RWKV6TimeMix(keras.layers.Layer):
         def heads(t):
             return ops.reshape(t, (batch, seq_len, h, n))
 
+        if self._wkv_resolved is None:
+            self._wkv_resolved = resolve_kernel(self.wkv_kernel)
         y, wkv_state = wkv6(
             heads(r),
             heads(k),
@@ -184,6 +198,7 @@ class RWKV6TimeMix(keras.layers.Layer):
             initial_state=wkv_state,
             kernel=self.wkv_kernel,
             chunk_size=self.wkv_chunk_size,
+            resolved=self._wkv_resolved,
         )
         y = self._group_norm(ops.cast(y, "float32"))
         y = ops.reshape(y, (batch, seq_len, self.hidden_dim))

@@ -1,4 +1,3 @@
-import ast
 import itertools
 import os
 import types
@@ -9,6 +8,8 @@ import numpy as np
 from keras_hub.tokenizers import Tokenizer
 
 from keras_rwkv.models.rwkv6.rwkv6_backbone import RWKV6Backbone
+from keras_rwkv.models.rwkv6.rwkv6_vocabulary import load_vocabulary_file
+from keras_rwkv.models.rwkv6.rwkv6_vocabulary import vocabulary_line
 
 VOCAB_FILENAME = "rwkv_vocab_v20230424.txt"
 BUNDLED_VOCAB = os.path.join(os.path.dirname(__file__), VOCAB_FILENAME)
@@ -19,65 +20,6 @@ MAX_TOKEN_ID = 65535
 _IDS = list(range(MAX_TOKEN_ID + 2))
 ENCODE_CHUNK = 1 << 20  # bytes matched at a time in a long text
 ERRORS = ("replace", "strict", "ignore", "backslashreplace")
-
-
-def load_vocabulary_file(path):
-    """Reads an RWKV World vocabulary file.
-
-    Each line is `<id> <Python literal of str or bytes> <byte length>`, ids
-    1, 2, 3, ... in order. Literals are parsed with `ast.literal_eval`,
-    which evaluates literals only, never code.
-
-    Returns:
-        The tokens as bytes, token id `i` at index `i - 1`.
-    """
-    tokens = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for line_no, line in enumerate(lines, start=1):
-        try:
-            first, last = line.index(" "), line.rindex(" ")
-            token_id = int(line[:first])
-            literal = line[first + 1 : last]
-            body = literal[1:-1]
-            if (
-                len(literal) >= 2
-                and literal[0] == literal[-1] == "'"
-                and "\\" not in body
-                and "'" not in body
-            ):
-                # A plain '...' literal (most lines): 6x faster than
-                # literal_eval, which reads the rest.
-                token = body
-            else:
-                token = ast.literal_eval(literal)
-            if isinstance(token, str):
-                token = token.encode("utf-8")
-            length = int(line[last:])
-        except (ValueError, SyntaxError) as e:
-            raise ValueError(
-                f"{path}, line {line_no}: not a vocabulary line "
-                f"(`<id> <literal> <length>`): {line[:60]!r}"
-            ) from e
-        if not isinstance(token, bytes) or len(token) != length:
-            raise ValueError(
-                f"{path}, line {line_no}: token length does not match."
-            )
-        if token_id != line_no:
-            raise ValueError(
-                f"{path}, line {line_no}: ids must be 1, 2, 3, ... in "
-                f"order; found {token_id}."
-            )
-        tokens.append(token)
-    return tokens
-
-
-def _vocabulary_line(token_id, token):
-    try:
-        literal = repr(token.decode("utf-8"))
-    except UnicodeDecodeError:
-        literal = repr(token)
-    return f"{token_id} {literal} {len(token)}\n"
 
 
 @keras.saving.register_keras_serializable(package="keras_rwkv")
@@ -207,7 +149,7 @@ class RWKV6Tokenizer(Tokenizer):
         path = os.path.join(dir_path, VOCAB_FILENAME)
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(
-                _vocabulary_line(i + 1, t) for i, t in enumerate(self._tokens)
+                vocabulary_line(i + 1, t) for i, t in enumerate(self._tokens)
             )
 
     def load_assets(self, dir_path=""):

@@ -34,9 +34,10 @@ from keras_rwkv.ops.wkv6.python import DEFAULT_CHUNK_SIZE
 from keras_rwkv.ops.wkv6.python import full_state
 from keras_rwkv.ops.wkv6.python import wkv6_chunked
 from keras_rwkv.ops.wkv6.python import wkv6_step
+from keras_rwkv.utils import settings
 
 KERNELS = ("auto", "python", "cuda")
-KERNEL_ENV_VAR = "KERAS_RWKV_WKV_KERNEL"
+KERNEL_ENV_VAR = settings.WKV_KERNEL_ENV_VAR
 # Head sizes the CUDA kernel is instantiated for (wkv6_kernels.cuh).
 CUDA_HEAD_SIZES = (8, 16, 32, 64, 128)
 
@@ -91,15 +92,9 @@ def resolve_kernel(kernel="auto"):
             f"Unknown WKV kernel {kernel!r}. Use one of {', '.join(KERNELS)}."
         )
     if kernel == "auto":
-        forced = os.environ.get(KERNEL_ENV_VAR, "").strip().lower()
-        if forced:
-            if forced not in KERNELS:
-                raise ValueError(
-                    f"{KERNEL_ENV_VAR}={forced!r} is not a WKV kernel. "
-                    f"Use one of {', '.join(KERNELS)}."
-                )
-            if forced != "auto":
-                return resolve_kernel(forced)
+        forced = settings.wkv_kernel_override(KERNELS)
+        if forced and forced != "auto":
+            return resolve_kernel(forced)
         ok, detail = cuda.availability(keras.config.backend())
         choice = "cuda" if ok else "python"
         _announce(choice, detail if ok else f"CUDA not used: {detail}")
@@ -124,6 +119,7 @@ def wkv6(
     initial_state=None,
     kernel="auto",
     chunk_size=DEFAULT_CHUNK_SIZE,
+    resolved=None,
 ):
     """Runs the WKV6 recurrence over a sequence. See the module docstring.
 
@@ -133,11 +129,13 @@ def wkv6(
         initial_state: optional float32 `[B or 1, H, N, N]`.
         kernel: `"auto"`, `"python"` or `"cuda"`.
         chunk_size: chunk length of the Python chunked form.
+        resolved: `resolve_kernel(kernel)` when the caller already has it
+            (a layer resolves its kernel once, not at every call).
 
     Returns:
         `(y, final_state)`.
     """
-    choice = resolve_kernel(kernel)
+    choice = resolved or resolve_kernel(kernel)
     if len(r.shape) != 4:
         raise ValueError(
             f"wkv6 expects r, k, v, log_w of shape [B, T, H, N]; got r "

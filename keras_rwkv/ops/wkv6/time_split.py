@@ -22,7 +22,6 @@ own VJP (initial-state gradient included), the scan and the matmul.
 """
 
 import math
-import os
 
 import keras
 from keras import ops
@@ -30,8 +29,9 @@ from keras import ops
 from keras_rwkv.ops.wkv6.python import chain_states
 from keras_rwkv.ops.wkv6.python import einsum_f32
 from keras_rwkv.ops.wkv6.python import full_state
+from keras_rwkv.utils import settings
 
-SEGMENTS_ENV_VAR = "KERAS_RWKV_WKV6_SEGMENTS"
+SEGMENTS_ENV_VAR = settings.WKV_SEGMENTS_ENV_VAR
 # Measured on H100 (benchmarks/RESULTS.md, "WKV split over time"): with 16
 # to 64 chains a device (batch x heads), splitting up to ~512 chains made
 # forward + backward 1.4-3.9x faster; at 256 chains (batch 8 x 32 heads)
@@ -77,18 +77,9 @@ def segment_count(batch, seq_len, num_heads):
     Returns:
         int >= 1.
     """
-    forced = os.environ.get(SEGMENTS_ENV_VAR, "").strip()
-    if forced:
-        try:
-            value = int(forced)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ValueError(
-                f"{SEGMENTS_ENV_VAR}={forced!r}: expected a positive "
-                "integer (1 turns the split off)."
-            )
-        return max(1, min(value, seq_len))
+    forced = settings.wkv_segments()
+    if forced is not None:
+        return min(forced, seq_len)
     batch, num_heads = _per_device(batch, num_heads)
     chains = batch * num_heads
     segments = 1

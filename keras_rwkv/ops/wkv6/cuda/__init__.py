@@ -11,11 +11,18 @@ GPU.
 import functools
 
 import keras
+from keras import ops
 
 from keras_rwkv.ops.wkv6 import time_split
 from keras_rwkv.ops.wkv6.cuda.build import CudaKernelUnavailable
 
-__all__ = ["CudaKernelUnavailable", "availability", "require", "wkv6_cuda"]
+__all__ = [
+    "CudaKernelUnavailable",
+    "availability",
+    "normalize",
+    "require",
+    "wkv6_cuda",
+]
 
 
 def _gpu_arch(backend):
@@ -108,6 +115,24 @@ def require(backend=None):
     return binding
 
 
+def normalize(r, k, v, log_w, u, initial_state=None):
+    """The kernels' input contract, met once for both bindings: `r, k, v`
+    all bfloat16 (when all three are) or else all float32; `log_w`, `u`
+    and the state float32; a state always (zeros `[1, H, N, N]` for
+    none)."""
+    low = all(
+        keras.backend.standardize_dtype(x.dtype) == "bfloat16"
+        for x in (r, k, v)
+    )
+    dtype = "bfloat16" if low else "float32"
+    r, k, v = (ops.cast(x, dtype) for x in (r, k, v))
+    log_w, u = ops.cast(log_w, "float32"), ops.cast(u, "float32")
+    if initial_state is None:
+        _, _, h, n = r.shape
+        initial_state = ops.zeros((1, h, n, n), "float32")
+    return r, k, v, log_w, u, ops.cast(initial_state, "float32")
+
+
 def wkv6_cuda(r, k, v, log_w, u, initial_state=None):
     """Runs the WKV6 op with the CUDA kernel of the current backend.
 
@@ -127,6 +152,8 @@ def wkv6_cuda(r, k, v, log_w, u, initial_state=None):
     segments = 1
     if batch is not None and seq_len is not None:
         segments = time_split.segment_count(batch, seq_len, num_heads)
-    return time_split.split_over_time(
-        require().wkv6, r, k, v, log_w, u, initial_state, segments
+    out_dtype = r.dtype
+    y, state = time_split.split_over_time(
+        require().wkv6, *normalize(r, k, v, log_w, u, initial_state), segments
     )
+    return ops.cast(y, out_dtype), state

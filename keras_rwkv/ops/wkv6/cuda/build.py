@@ -1,7 +1,10 @@
-"""Builds the WKV6 CUDA library with nvcc on first use and caches it.
+"""Builds keras-rwkv's CUDA libraries with nvcc on first use and caches them.
 
-The cache file name carries a hash of the kernel sources, the binding
-flavour ("jax" or "torch"), the GPU architecture and the framework version,
+A flavour is one library: the WKV6 kernels for JAX ("jax") or torch
+("torch"), and the decoding-step matrix-vector products for JAX
+("matvec_jax", `keras_rwkv/ops/matvec/cuda`). The cache file name carries a
+hash of the kernel sources, the flavour, the GPU architecture and the
+framework version,
 so a change of any of them builds a fresh library and stale ones are never
 loaded. Set `KERAS_RWKV_CACHE` to move the cache (default
 `~/.cache/keras_rwkv`, see `keras_rwkv.utils.settings`), and `CUDA_HOME`
@@ -19,8 +22,17 @@ from pathlib import Path
 from keras_rwkv.utils import settings
 
 SOURCE_DIR = Path(__file__).resolve().parent
-KERNELS = "wkv6_kernels.cuh"
-FLAVOR_SOURCES = {"jax": "wkv6_jax_ffi.cu", "torch": "wkv6_c_api.cu"}
+MATVEC_DIR = SOURCE_DIR.parents[1] / "matvec" / "cuda"
+# flavour: (library name, translation unit, header it includes)
+FLAVORS = {
+    "jax": ("wkv6_jax", SOURCE_DIR / "wkv6_jax_ffi.cu", "wkv6_kernels.cuh"),
+    "torch": ("wkv6_torch", SOURCE_DIR / "wkv6_c_api.cu", "wkv6_kernels.cuh"),
+    "matvec_jax": (
+        "matvec_jax",
+        MATVEC_DIR / "matvec_jax_ffi.cu",
+        "matvec_kernels.cuh",
+    ),
+}
 
 
 class CudaKernelUnavailable(RuntimeError):
@@ -36,9 +48,8 @@ def find_nvcc():
     Returns:
         A path string or `None`.
     """
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        root = os.environ.get(var)
-        if root and (Path(root) / "bin" / "nvcc").is_file():
+    for root in settings.cuda_roots():
+        if (Path(root) / "bin" / "nvcc").is_file():
             return str(Path(root) / "bin" / "nvcc")
     found = shutil.which("nvcc")
     if found:
@@ -61,21 +72,22 @@ def source_files(flavor):
     """Returns the source files that make up one flavour's library.
 
     Args:
-        flavor: `"jax"` or `"torch"`.
+        flavor: a key of `FLAVORS`.
 
     Returns:
         A list of `Path`s, the translation unit first.
     """
-    if flavor not in FLAVOR_SOURCES:
-        raise ValueError(f"Unknown WKV6 CUDA binding {flavor!r}.")
-    return [SOURCE_DIR / FLAVOR_SOURCES[flavor], SOURCE_DIR / KERNELS]
+    if flavor not in FLAVORS:
+        raise ValueError(f"Unknown CUDA library flavour {flavor!r}.")
+    _, unit, header = FLAVORS[flavor]
+    return [unit, unit.parent / header]
 
 
 def library_path(flavor, arch, framework_version):
     """Returns where the library for this configuration is cached.
 
     Args:
-        flavor: `"jax"` or `"torch"`.
+        flavor: a key of `FLAVORS`.
         arch: compute capability without the dot, e.g. `"90"`.
         framework_version: version string of jax(lib) or torch.
 
@@ -87,7 +99,7 @@ def library_path(flavor, arch, framework_version):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     digest.update(f"{flavor}|sm_{arch}|{framework_version}".encode())
-    name = f"wkv6_{flavor}_sm{arch}_{digest.hexdigest()[:16]}.so"
+    name = f"{FLAVORS[flavor][0]}_sm{arch}_{digest.hexdigest()[:16]}.so"
     return cache_dir() / name
 
 
@@ -96,7 +108,7 @@ def nvcc_command(nvcc, flavor, arch, output, include_dirs=()):
 
     Args:
         nvcc: path of nvcc.
-        flavor: `"jax"` or `"torch"`.
+        flavor: a key of `FLAVORS`.
         arch: compute capability without the dot.
         output: path of the shared library to write.
         include_dirs: extra include directories (the XLA FFI headers).
@@ -130,7 +142,7 @@ def build(flavor, arch, framework_version, include_dirs=(), quiet=False):
     """Returns the path of the library, building it first if needed.
 
     Args:
-        flavor: `"jax"` or `"torch"`.
+        flavor: a key of `FLAVORS`.
         arch: compute capability without the dot, e.g. `"90"`.
         framework_version: version string that keys the cache.
         include_dirs: extra include directories.
@@ -156,8 +168,8 @@ def build(flavor, arch, framework_version, include_dirs=(), quiet=False):
     target.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
         print(
-            f"keras_rwkv: building the WKV6 CUDA kernel ({flavor}, sm_{arch})"
-            f" into {target}; this happens once and takes about a minute.",
+            f"keras_rwkv: building the CUDA kernels ({flavor}, sm_{arch})"
+            f" into {target}; this happens once and takes up to a minute.",
             file=sys.stderr,
             flush=True,
         )
@@ -170,7 +182,7 @@ def build(flavor, arch, framework_version, include_dirs=(), quiet=False):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CudaKernelUnavailable(
-                "Building the CUDA WKV kernel failed:\n"
+                f"Building the CUDA kernels ({flavor}) failed:\n"
                 + " ".join(cmd)
                 + "\n"
                 + (proc.stderr or proc.stdout)[-4000:]

@@ -106,7 +106,8 @@ def make_wkv6(forward_call, backward_call):
             batch row.
 
     Returns:
-        `wkv6(r, k, v, log_w, u, initial_state=None) -> (y, final_state)`.
+        `wkv6(r, k, v, log_w, u, initial_state) -> (y, final_state)`,
+        inputs as `keras_rwkv.ops.wkv6.cuda.normalize` gives them.
     """
     forward_op = jax_partition.batch_head_op(forward_call, *FORWARD_LAYOUTS)
     backward_op = jax_partition.batch_head_op(backward_call, *BACKWARD_LAYOUTS)
@@ -140,27 +141,13 @@ def make_wkv6(forward_call, backward_call):
 
     wkv.defvjp(wkv_fwd, wkv_bwd)
 
-    def wkv6(r, k, v, log_w, u, initial_state=None):
-        out_dtype = r.dtype
-        r, k, v = (jnp.asarray(x) for x in (r, k, v))
-        dtype = (
-            jnp.bfloat16
-            if all(x.dtype == jnp.bfloat16 for x in (r, k, v))
-            else jnp.float32
-        )
-        r, k, v = (x.astype(dtype) for x in (r, k, v))
-        log_w = jnp.asarray(log_w, jnp.float32)
-        u = jnp.asarray(u, jnp.float32)
+    def wkv6(r, k, v, log_w, u, initial_state):
+        # Inputs as `keras_rwkv.ops.wkv6.cuda.normalize` leaves them.
         b, _, h, n = r.shape
-        if initial_state is None:
-            s0 = jnp.zeros((1, h, n, n), jnp.float32)
-        else:
-            s0 = jnp.asarray(initial_state, jnp.float32)
         # One state per row, so the state shards with the batch; the
         # broadcast's own gradient sums a shared state's rows.
-        s0 = jnp.broadcast_to(s0, (b, h, n, n))
-        y, s = wkv(r, k, v, log_w, u, s0)
-        return y.astype(out_dtype), s
+        s0 = jnp.broadcast_to(initial_state, (b, h, n, n))
+        return wkv(r, k, v, log_w, u, s0)
 
     return wkv6
 
@@ -168,13 +155,14 @@ def make_wkv6(forward_call, backward_call):
 _wkv6 = make_wkv6(_forward_call, _backward_call)
 
 
-def wkv6(r, k, v, log_w, u, initial_state=None):
-    """The WKV6 op on JAX arrays (see `keras_rwkv.ops.wkv6`).
+def wkv6(r, k, v, log_w, u, initial_state):
+    """The WKV6 op on JAX arrays, inputs as `cuda.normalize` gives them.
 
     Args:
-        r, k, v, log_w: `[B, T, H, N]`.
-        u: `[H, N]`.
-        initial_state: `[B or 1, H, N, N]` or `None`.
+        r, k, v: `[B, T, H, N]`, all bfloat16 or all float32.
+        log_w: float32 `[B, T, H, N]`.
+        u: float32 `[H, N]`.
+        initial_state: float32 `[B or 1, H, N, N]`.
 
     Returns:
         `(y, final_state)`: `y` in `r`'s dtype, the state float32.

@@ -184,30 +184,18 @@ def _backward(ctx, gy, gs):
 _forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def wkv6(r, k, v, log_w, u, initial_state=None):
-    """The WKV6 op on CUDA torch tensors (see `keras_rwkv.ops.wkv6`).
+def wkv6(r, k, v, log_w, u, initial_state):
+    """The WKV6 op on CUDA torch tensors, inputs as `cuda.normalize`
+    gives them (see `keras_rwkv.ops.wkv6`).
 
     Args:
-        r, k, v, log_w: `[B, T, H, N]`.
-        u: `[H, N]`.
-        initial_state: `[B or 1, H, N, N]` or `None`.
+        r, k, v: `[B, T, H, N]`, all bfloat16 or all float32.
+        log_w: float32 `[B, T, H, N]`.
+        u: float32 `[H, N]`.
+        initial_state: float32 `[B or 1, H, N, N]`.
 
     Returns:
         `(y, final_state)`: `y` in `r`'s dtype, the state float32.
     """
-    out_dtype = r.dtype
-    dtype = (
-        torch.bfloat16
-        if all(x.dtype == torch.bfloat16 for x in (r, k, v))
-        else torch.float32
-    )
-    r, k, v = (x.to(dtype).contiguous() for x in (r, k, v))
-    log_w = log_w.to(torch.float32).contiguous()
-    u = u.to(torch.float32).contiguous()
-    _, _, h, n = r.shape
-    if initial_state is None:
-        s0 = torch.zeros((1, h, n, n), dtype=torch.float32, device=r.device)
-    else:
-        s0 = initial_state.to(torch.float32).contiguous()
-    y, s = _forward(r, k, v, log_w, u, s0)
-    return y.to(out_dtype), s
+    args = (r, k, v, log_w, u, initial_state)
+    return _forward(*(x.contiguous() for x in args))

@@ -427,8 +427,9 @@ inline Shape launch_shape(const Params& p, bool backward) {
   Shape s = {1, 1};
   while (s.groups < 8 && pairs * s.groups * 2 <= limit) s.groups *= 2;
   if (s.groups == 1 || (!backward && s.groups < 8)) s.cols = 2;
-  const int cols = env_choice("KERAS_RWKV_WKV6_COLS");
-  const int groups = env_choice("KERAS_RWKV_WKV6_GROUPS");
+  // Read once per process (the first launch), not at every launch.
+  static const int cols = env_choice("KERAS_RWKV_WKV6_COLS");
+  static const int groups = env_choice("KERAS_RWKV_WKV6_GROUPS");
   if (cols) s.cols = cols;
   if (groups) s.groups = groups;
   return s;

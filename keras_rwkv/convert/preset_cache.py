@@ -2,8 +2,10 @@
 
 `keras_hub.models.CausalLM.from_preset("rwkv6_world_1.6b")` resolves a
 named preset through KerasHub's `preset_utils.get_file`. Our presets are
-registered with KerasHub with a local cache directory as their handle; a
-thin wrapper around `get_file` makes sure that directory exists first:
+registered with KerasHub with a local cache directory as their handle
+(`keras_rwkv/keras_hub_shim.py`, the one place that touches KerasHub's
+internals); before KerasHub reads a named preset, `ensure_preset` makes
+sure that directory exists:
 
 1. if `<cache>/<name>/config.json` exists, nothing touches the network;
 2. otherwise only the preset's file(s) are fetched with the ModelScope SDK
@@ -35,7 +37,6 @@ from keras_rwkv.utils.modelscope_download import download
 from keras_rwkv.utils.modelscope_download import gigabytes
 from keras_rwkv.utils.modelscope_download import hub_host
 
-KEEP_DOWNLOADS_ENV_VAR = "KERAS_RWKV_KEEP_DOWNLOADS"
 MANIFEST_FILE = "rwkv6_world.json"
 
 
@@ -178,7 +179,7 @@ def _fetch_and_convert(name):
     finally:
         # A broken download must not be reused by the next attempt, and a
         # good one is not needed once converted.
-        if not (os.environ.get(KEEP_DOWNLOADS_ENV_VAR) and is_cached(name)):
+        if not (settings.keep_downloads() and is_cached(name)):
             shutil.rmtree(download_dir, ignore_errors=True)
 
 
@@ -199,42 +200,31 @@ def keras_hub_presets():
     }
 
 
-def install_keras_hub_hook():
-    """Registers the presets with KerasHub and wraps its `get_file` so a
-    named preset is fetched and converted before KerasHub reads it."""
-    from keras_hub.src.utils import preset_utils
+def prepare(preset, registered=()):
+    """Called before KerasHub reads any file of `preset`: returns the
+    converted directory of a named preset (fetched and converted first if
+    needed), or None for anything else.
 
-    from keras_rwkv.models.rwkv6.rwkv6_backbone import RWKV6Backbone
-
-    preset_utils.register_presets(keras_hub_presets(), RWKV6Backbone)
-    original = preset_utils.get_file
-    if getattr(original, "_keras_rwkv", False):
-        return
-
-    def get_file(preset, path):
-        if isinstance(preset, str) and preset in MANIFEST:
-            # The cache root may have changed since import (env var).
-            preset_utils.BUILTIN_PRESETS[preset]["kaggle_handle"] = (
-                ensure_preset(preset)
-            )
-        elif (
-            isinstance(preset, str)
-            and preset.startswith("rwkv6")
-            and "://" not in preset
-            and not os.path.exists(preset)
-            and preset not in preset_utils.BUILTIN_PRESETS
-        ):
-            raise unknown_preset_error(preset)
-        local = original(preset, path)
-        if isinstance(local, str) and local.endswith(".json"):
-            _check_json(local)
-        return local
-
-    get_file._keras_rwkv = True
-    preset_utils.get_file = get_file
+    Raises:
+        ValueError: `preset` looks like a misspelt RWKV6 preset name (it
+            starts with "rwkv6", is not a path, a handle or one of
+            `registered`), saying which names exist.
+    """
+    if not isinstance(preset, str):
+        return None
+    if preset in MANIFEST:
+        return ensure_preset(preset)
+    if (
+        preset.startswith("rwkv6")
+        and "://" not in preset
+        and not os.path.exists(preset)
+        and preset not in registered
+    ):
+        raise unknown_preset_error(preset)
+    return None
 
 
-def _check_json(path):
+def check_json(path):
     """A preset's JSON file that does not parse names itself and says
     what to do (KerasHub would show a bare JSONDecodeError)."""
     from keras_rwkv.models.rwkv6.rwkv6_weight_checks import PresetLoadError

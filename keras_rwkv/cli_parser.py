@@ -1,0 +1,221 @@
+"""The `keras-rwkv` command line's arguments: commands, options, checks.
+
+`cli.py` runs the commands; this says what they accept. Numbers are
+checked here (finite, in range), so a bad value is one argparse line.
+"""
+
+import argparse
+import math
+
+from keras_rwkv import entry
+
+DEFAULT_PRESET = "rwkv6_world_1.6b"
+
+
+def _number(kind, low=None, high=None, low_open=False):
+    """An argparse type: a finite `kind` within [low, high] (or
+    (low, high] with `low_open`)."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a{'n integer' if kind is int else ' number'}: {text!r}"
+            ) from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+        too_low = low is not None and (
+            value <= low if low_open else value < low
+        )
+        if too_low or (high is not None and value > high):
+            left = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(
+                f"{text} is outside {left}{low}, {high}]"
+            )
+        return value
+
+    return parse
+
+
+def _add_common_args(p):
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="say which backend, kernel and cache run, with timings; "
+        "tracebacks on errors",
+    )
+    p.add_argument(
+        "--backend",
+        choices=entry.BACKENDS,
+        default=None,
+        help="Keras backend (default: $KERAS_BACKEND, else jax when "
+        "installed, else torch, else tensorflow)",
+    )
+
+
+def _add_generation_args(p):
+    p.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help="preset name or a directory made by `keras-rwkv convert`",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_number(int, 1),
+        default=200,
+        help="tokens to generate (fewer if the model ends the text)",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=["top_p", "top_k", "greedy", "random"],
+        default="top_p",
+        help="how the next token is picked: top_p (nucleus), top_k, greedy "
+        "(the most likely) or random (the whole distribution)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=_number(float, 0, 1, low_open=True),
+        default=0.85,
+        help="top_p: sample among the most likely tokens that make up this "
+        "much probability",
+    )
+    p.add_argument(
+        "--top-k",
+        type=_number(int, 1),
+        default=None,
+        help="top_k: sample among this many most likely tokens (default 5); "
+        "with top_p, a cap on its candidates (default: none)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=_number(float, 0, low_open=True),
+        default=1.0,
+        help="divides the logits: below 1 sharper, above 1 more varied",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=_number(float, 0, low_open=True),
+        default=1.0,
+        help="per earlier occurrence of a token in the text so far, divide "
+        "its logit by this (multiply when negative); 1 disables",
+    )
+    p.add_argument(
+        "--penalty-window",
+        type=_number(int, 1),
+        default=None,
+        help="count only the last N tokens for --repetition-penalty "
+        "(default: all)",
+    )
+    p.add_argument(
+        "--presence-penalty",
+        type=_number(float),
+        default=0.2,
+        help="subtracted from the logit of every token generated so far",
+    )
+    p.add_argument(
+        "--frequency-penalty",
+        type=_number(float),
+        default=0.2,
+        help="times each generated token's decayed count, subtracted from "
+        "its logit",
+    )
+    p.add_argument(
+        "--penalty-decay",
+        type=_number(float, 0, 1, low_open=True),
+        default=0.996,
+        help="per-token decay of the --frequency-penalty counts",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed, for repeatable sampling (default: a new one "
+        "each run)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="compute dtype, e.g. bfloat16 (default: the preset's)",
+    )
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "%(default)" not in text
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser(handlers):
+    """The argument parser; `handlers` maps each command to the function
+    that runs it (`args.func`)."""
+    parser = argparse.ArgumentParser(
+        prog="keras-rwkv",
+        description="RWKV6 for Keras 3 and KerasHub.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help):
+        p = sub.add_parser(
+            name, help=help, description=help, formatter_class=_HelpFormatter
+        )
+        _add_common_args(p)
+        return p
+
+    gen = command("generate", "Continue a prompt (streams text).")
+    gen.add_argument("prompt", help="the text to continue")
+    _add_generation_args(gen)
+    gen.add_argument("--state-in", help="start from a saved state (.npz)")
+    gen.add_argument("--state-out", help="save the final state (.npz)")
+    gen.set_defaults(func=handlers["generate"])
+
+    chat = command("chat", "Chat; the state is kept across turns.")
+    _add_generation_args(chat)
+    chat.add_argument(
+        "--system", default=None, help="text the model reads first"
+    )
+    chat.set_defaults(func=handlers["chat"])
+
+    convert = command(
+        "convert",
+        "Convert a BlinkDL RWKV6 .pth checkpoint to a KerasHub preset.",
+    )
+    convert.add_argument("source", help="path to RWKV-x060-*.pth")
+    convert.add_argument("output_dir", help="preset directory to write")
+    convert.add_argument(
+        "--dtype",
+        default=None,
+        help="dtype of the converted weights (float32, bfloat16, ...); "
+        "default: the checkpoint's own (lossless)",
+    )
+    convert.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT_DIR if it is a keras-rwkv preset",
+    )
+    convert.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="accept NaN or infinite weights (refused by default)",
+    )
+    convert.set_defaults(func=handlers["convert"])
+    return parser
+
+
+def _version():
+    from keras_rwkv import __version__
+
+    return __version__
