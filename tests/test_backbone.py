@@ -50,7 +50,10 @@ def test_functional_call_matches_call_with_state():
 
 
 def test_config_round_trip():
-    backbone = tiny_backbone(wkv_chunk_size=8)
+    # Default runtime knobs: `wkv_chunk_size` is not saved (see
+    # test_runtime_knobs_stay_out_of_the_saved_config), and another chunk
+    # length rounds differently.
+    backbone = tiny_backbone()
     clone = RWKV6Backbone.from_config(backbone.get_config())
     assert clone.get_config() == backbone.get_config()
     assert clone.count_params() == backbone.count_params()
