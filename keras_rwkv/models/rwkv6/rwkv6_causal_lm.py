@@ -1,3 +1,4 @@
+import functools
 import math
 
 import keras
@@ -347,19 +348,9 @@ class RWKV6CausalLM(CausalLM):
         growing segments (1, 2, 4, ... 16 tokens) when streaming, each
         delivered as soon as it is back on the host."""
 
-        def fn(tokens, state, index, finished, segment_end, row_end):
-            return decode_steps(
-                self,
-                tokens,
-                state,
-                index,
-                finished,
-                segment_end,
-                row_end,
-                prompt_len,
-                stop_ids,
-            )
-
+        fn = functools.partial(
+            decode_steps, self, prompt_len=prompt_len, stop_ids=stop_ids
+        )
         decode = self._compiled(("decode", tokens.shape, stop_ids), fn)
         index, width = prompt_len, tokens.shape[1]
         finished = np.zeros((tokens.shape[0],), bool)

@@ -156,15 +156,6 @@ _wkv6 = make_wkv6(_forward_call, _backward_call)
 
 
 def wkv6(r, k, v, log_w, u, initial_state):
-    """The WKV6 op on JAX arrays, inputs as `cuda.normalize` gives them.
-
-    Args:
-        r, k, v: `[B, T, H, N]`, all bfloat16 or all float32.
-        log_w: float32 `[B, T, H, N]`.
-        u: float32 `[H, N]`.
-        initial_state: float32 `[B or 1, H, N, N]`.
-
-    Returns:
-        `(y, final_state)`: `y` in `r`'s dtype, the state float32.
-    """
+    """The WKV6 op on JAX arrays, inputs as `cuda.normalize` gives them
+    (dtypes and shapes there); returns `(y, final_state)`."""
     return _wkv6(r, k, v, log_w, u, initial_state)

@@ -186,16 +186,6 @@ _forward.register_autograd(_backward, setup_context=_setup_context)
 
 def wkv6(r, k, v, log_w, u, initial_state):
     """The WKV6 op on CUDA torch tensors, inputs as `cuda.normalize`
-    gives them (see `keras_rwkv.ops.wkv6`).
-
-    Args:
-        r, k, v: `[B, T, H, N]`, all bfloat16 or all float32.
-        log_w: float32 `[B, T, H, N]`.
-        u: float32 `[H, N]`.
-        initial_state: float32 `[B or 1, H, N, N]`.
-
-    Returns:
-        `(y, final_state)`: `y` in `r`'s dtype, the state float32.
-    """
+    gives them (dtypes and shapes there); returns `(y, final_state)`."""
     args = (r, k, v, log_w, u, initial_state)
     return _forward(*(x.contiguous() for x in args))
