@@ -51,6 +51,25 @@ def _convert(args):
     print(f"Generate with: keras-rwkv generate --preset {path} 'Hello'")
 
 
+def _export(args):
+    if os.path.exists(args.output) and not args.overwrite:
+        raise CommandError(
+            f"{args.output} already exists; choose another file or pass "
+            "--overwrite."
+        )
+    keras, keras_hub = _import_keras(args)
+    from keras_rwkv.convert import export_blinkdl
+
+    backbone = keras_hub.models.Backbone.from_preset(args.preset)
+    path = export_blinkdl(
+        backbone,
+        args.output,
+        dtype=args.dtype,
+        drop_time_shift=args.drop_time_shift,
+    )
+    print(f"Wrote BlinkDL checkpoint {path}")
+
+
 def _import_keras(args):
     """Imports Keras and KerasHub on the chosen backend and registers our
     classes and presets; says which backend in `--verbose`."""
@@ -94,8 +113,8 @@ def _load_model(args):
         reason = reason.rstrip(".")
         raise CommandError(
             f"cannot load preset {args.preset!r}: {reason}.\n"
-            f"Pass --preset with a preset name ({', '.join(sorted(MANIFEST))})"
-            " or a directory made by `keras-rwkv convert MODEL.pth DIR`."
+            f"Pass --preset with a preset name ({', '.join(sorted(MANIFEST))}),"
+            " a directory made by `keras-rwkv convert`, or hf://org/repo."
         ) from e
     log.info("loaded %s in %.1f s", args.preset, time.perf_counter() - started)
     inner = {
@@ -333,7 +352,12 @@ def _explained_errors():
 
 def main(argv=None):
     args = build_parser(
-        {"generate": _generate, "chat": _chat, "convert": _convert}
+        {
+            "generate": _generate,
+            "chat": _chat,
+            "convert": _convert,
+            "export": _export,
+        }
     ).parse_args(argv)
     if not args.verbose and entry.choice and entry.choice[0] == "tensorflow":
         entry.drop_native_stderr()  # TensorFlow's C++ start-up lines

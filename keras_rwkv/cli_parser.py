@@ -59,7 +59,8 @@ def _add_generation_args(p):
     p.add_argument(
         "--preset",
         default=DEFAULT_PRESET,
-        help="preset name or a directory made by `keras-rwkv convert`",
+        help="preset name, a directory made by `keras-rwkv convert`, or "
+        "hf://org/repo (an RWKV6 or KerasHub-format repository)",
     )
     p.add_argument(
         "--max-new-tokens",
@@ -191,9 +192,14 @@ def build_parser(handlers):
 
     convert = command(
         "convert",
-        "Convert a BlinkDL RWKV6 .pth checkpoint to a KerasHub preset.",
+        "Convert an RWKV6 checkpoint (BlinkDL .pth, Hugging Face or "
+        "bert4keras3 directory) to a KerasHub preset.",
     )
-    convert.add_argument("source", help="path to RWKV-x060-*.pth")
+    convert.add_argument(
+        "source",
+        help="RWKV-x060-*.pth, or a Hugging Face (transformers or fla "
+        "layout) or bert4keras3 model directory",
+    )
     convert.add_argument("output_dir", help="preset directory to write")
     convert.add_argument(
         "--dtype",
@@ -212,6 +218,34 @@ def build_parser(handlers):
         help="accept NaN or infinite weights (refused by default)",
     )
     convert.set_defaults(func=handlers["convert"])
+
+    export = command(
+        "export",
+        "Write a preset as a BlinkDL RWKV6 .pth (for BlinkDL's rwkv, "
+        "ChatRWKV, RWKV-PEFT).",
+    )
+    export.add_argument(
+        "preset",
+        help="preset name or directory (a fine-tuned model saved with "
+        "save_to_preset, say)",
+    )
+    export.add_argument("output", help="the .pth file to write")
+    export.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bfloat16", "float16", "float32"),
+        help="dtype of the written weights; default: the preset's own",
+    )
+    export.add_argument(
+        "--drop-time-shift",
+        action="store_true",
+        help="leave tuned token-shift states out (the .pth format has no "
+        "place for them; a tuned WKV state is kept)",
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace OUTPUT if it exists"
+    )
+    export.set_defaults(func=handlers["export"])
     return parser
 
 

@@ -8,8 +8,9 @@ a preset's files on first use. Two of its internals
   and `keras_hub.models.CausalLM.presets` know them), with the local
   cache directory as their handle;
 - `get_file(preset, path)`, which every preset file read goes through, is
-  wrapped so that a named preset is downloaded and converted
-  (`keras_rwkv.convert.preset_cache.prepare`) before KerasHub reads it,
+  wrapped so that a named preset, or an `hf://` handle of an RWKV6
+  repository in a Hugging Face layout, is downloaded and converted
+  (`keras_rwkv.convert.preset_cache.prepare`) and read from the cache,
   and a damaged JSON file says what to do.
 
 Tested against the KerasHub versions pyproject.toml admits
@@ -86,11 +87,10 @@ def install():
         return
 
     def get_file(preset, path):
-        handle = preset_cache.prepare(preset, preset_utils.BUILTIN_PRESETS)
-        if handle is not None:
-            # The cache root may have changed since import (env var).
-            preset_utils.BUILTIN_PRESETS[preset]["kaggle_handle"] = handle
-        local = original(preset, path)
+        # A named preset or an RWKV6 hf:// repository is read from its
+        # converted directory in our cache.
+        local_dir = preset_cache.prepare(preset, preset_utils.BUILTIN_PRESETS)
+        local = original(preset if local_dir is None else local_dir, path)
         if isinstance(local, str) and local.endswith(".json"):
             preset_cache.check_json(local)
         return local

@@ -282,3 +282,87 @@ def check_finite(weights, source):
             "is damaged or the training diverged; if it is meant to be so, "
             "convert with allow_non_finite=True (CLI: --allow-non-finite)."
         )
+
+
+def _array(variable, dtype):
+    from keras import ops
+
+    return np.asarray(ops.convert_to_numpy(variable)).astype(dtype)
+
+
+def state_dict(backbone, dtype=None):
+    """The weights of `backbone` as a BlinkDL RWKV6 state dict (the
+    inverse of `assign_weights`): numpy arrays, per-channel vectors as
+    `[1, 1, C]`, LoRA adapters merged into their kernels.
+
+    Args:
+        backbone: an `RWKV6Backbone` (not quantized).
+        dtype: numpy dtype of the arrays; default the backbone's variable
+            dtype (bfloat16 for the official models).
+    """
+    dtype = np.dtype(dtype or backbone.variable_dtype)
+
+    def put(key, variable, transpose=False, vector=False):
+        value = _array(variable, dtype)
+        if transpose:
+            value = value.T
+        if vector:
+            value = value.reshape(1, 1, -1)
+        sd[key] = value
+
+    sd = {}
+    emb = backbone.token_embedding
+    put("emb.weight", emb.embeddings)
+    put("head.weight", emb.reverse_embeddings, transpose=True)
+    for norm, key in (
+        (backbone.embeddings_layer_norm, "blocks.0.ln0"),
+        (backbone.layer_norm, "ln_out"),
+    ):
+        put(f"{key}.weight", norm.gamma)
+        put(f"{key}.bias", norm.beta)
+    for i, block in enumerate(backbone.transformer_layers):
+        p = f"blocks.{i}."
+        for norm, key in ((block.ln1, "ln1"), (block.ln2, "ln2")):
+            put(f"{p}{key}.weight", norm.gamma)
+            put(f"{p}{key}.bias", norm.beta)
+        tm, cm = block.time_mix, block.channel_mix
+        put(f"{p}att.time_maa_x", tm.time_maa_x, vector=True)
+        maa = _array(tm.time_maa, dtype)
+        for row, m in zip(maa, ("w", "k", "v", "r", "g")):
+            sd[f"{p}att.time_maa_{m}"] = row.reshape(1, 1, -1)
+        put(f"{p}att.time_maa_w1", tm.time_maa_w1)
+        put(f"{p}att.time_maa_w2", tm.time_maa_w2)
+        put(f"{p}att.time_decay", tm.time_decay, vector=True)
+        put(f"{p}att.time_decay_w1", tm.time_decay_w1)
+        put(f"{p}att.time_decay_w2", tm.time_decay_w2)
+        put(f"{p}att.time_faaaa", tm.time_faaaa)
+        put(f"{p}att.ln_x.weight", tm.ln_x_gamma)
+        put(f"{p}att.ln_x.bias", tm.ln_x_beta)
+        for name, dense in (
+            ("receptance", tm.receptance),
+            ("key", tm.key),
+            ("value", tm.value),
+            ("gate", tm.gate),
+            ("output", tm.output_dense),
+        ):
+            put(f"{p}att.{name}.weight", dense.kernel, transpose=True)
+        put(f"{p}ffn.time_maa_k", cm.time_maa_k, vector=True)
+        put(f"{p}ffn.time_maa_r", cm.time_maa_r, vector=True)
+        for name, dense in (
+            ("key", cm.key),
+            ("receptance", cm.receptance),
+            ("value", cm.value),
+        ):
+            put(f"{p}ffn.{name}.weight", dense.kernel, transpose=True)
+    return sd
+
+
+def time_state_dict(wkv):
+    """`[L, H, N, N]` WKV states in our (key, value) order as RWKV-PEFT's
+    `blocks.{i}.att.time_state` (value, key) entries."""
+    return {
+        f"blocks.{i}.att.time_state": np.ascontiguousarray(
+            np.swapaxes(np.asarray(layer, np.float32), -1, -2)
+        )
+        for i, layer in enumerate(wkv)
+    }

@@ -6,6 +6,7 @@ import keras
 
 from keras_rwkv.convert import bert4keras3
 from keras_rwkv.convert import blinkdl
+from keras_rwkv.convert import huggingface
 from keras_rwkv.convert.torch_checkpoint import CheckpointError
 from keras_rwkv.convert.torch_checkpoint import load_torch_checkpoint
 
@@ -16,9 +17,12 @@ def convert_checkpoint(
     """Builds an `RWKV6Backbone` holding the weights of `source`.
 
     Args:
-        source: path to a BlinkDL RWKV6 `.pth` checkpoint, or to a
-            bert4keras3 RWKV6 directory (`config.json`,
-            `model.weights.h5`, `rwkv_vocab_v20230424.txt`).
+        source: path to a BlinkDL RWKV6 `.pth` checkpoint, a Hugging Face
+            RWKV6 model directory (transformers or fla layout;
+            `config.json` and `*.safetensors` or `pytorch_model.bin`,
+            sharded or not), or a bert4keras3 RWKV6 directory
+            (`config.json`, `model.weights.h5`,
+            `rwkv_vocab_v20230424.txt`).
         dtype: Keras dtype policy name for the backbone (`"float32"`,
             `"bfloat16"`, `"mixed_bfloat16"`, ...). `None` keeps the
             checkpoint's storage dtype (bfloat16 for the official models),
@@ -41,12 +45,16 @@ def convert_checkpoint(
                 f"dtype={dtype!r} is not a Keras dtype policy; use e.g. "
                 "float32, bfloat16, float16 or mixed_bfloat16."
             ) from None
-    if bert4keras3.is_bert4keras3_dir(source):
+    extra_config = {}
+    if huggingface.is_hf_dir(source):
+        weights, extra_config = huggingface.load_hf_dir(source)
+    elif bert4keras3.is_bert4keras3_dir(source):
         weights = bert4keras3.load_bert4keras3_dir(source)
     elif os.path.isdir(source):
         raise CheckpointError(
-            f"{source} is a directory; `convert` takes a BlinkDL `.pth` "
-            "file. To load a KerasHub preset directory use "
+            f"{source} is a directory of no format `convert` knows; it "
+            "takes a BlinkDL `.pth` file, or a Hugging Face or bert4keras3 "
+            "RWKV6 model directory. To load a KerasHub preset directory use "
             "`keras_hub.models.CausalLM.from_preset(DIR)` directly."
         )
     else:
@@ -62,7 +70,7 @@ def convert_checkpoint(
         blinkdl.check_finite(weights, source)
     if dtype is None:
         dtype = blinkdl.checkpoint_dtype(weights)
-    backbone = RWKV6Backbone(**config, dtype=dtype)
+    backbone = RWKV6Backbone(**config, **extra_config, dtype=dtype)
     bar = None
     if progress:
         bar = keras.utils.Progbar(

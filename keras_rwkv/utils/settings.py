@@ -60,6 +60,25 @@ def step_kernel():
     return value
 
 
+PRESET_HUB_ENV_VAR = "KERAS_RWKV_PRESET_HUB"
+PRESET_HUBS = ("modelscope", "huggingface")
+
+
+def preset_hub():
+    """`KERAS_RWKV_PRESET_HUB`: the hub named presets are fetched from
+    ("modelscope" or "huggingface"), or None (ModelScope, else Hugging
+    Face when ModelScope cannot be reached)."""
+    value = os.environ.get(PRESET_HUB_ENV_VAR, "").strip().lower()
+    if not value:
+        return None
+    if value not in PRESET_HUBS:
+        raise ValueError(
+            f"{PRESET_HUB_ENV_VAR}={value!r}: use one of "
+            f"{', '.join(PRESET_HUBS)}."
+        )
+    return value
+
+
 KEEP_DOWNLOADS_ENV_VAR = "KERAS_RWKV_KEEP_DOWNLOADS"
 WKV_KERNEL_ENV_VAR = "KERAS_RWKV_WKV_KERNEL"
 WKV_SEGMENTS_ENV_VAR = "KERAS_RWKV_WKV6_SEGMENTS"

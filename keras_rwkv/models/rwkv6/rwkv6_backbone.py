@@ -338,7 +338,7 @@ class RWKV6Backbone(Backbone):
 
     def export_time_state(self, path, drop_time_shift=False):
         """Writes the tuned WKV state as an RWKV-PEFT / BlinkDL
-        `blocks.{i}.att.time_state` `.pth` (needs torch). That format has
+        `blocks.{i}.att.time_state` `.pth` (no torch needed). That format has
         no token-shift states: if they are tuned, pass
         `drop_time_shift=True` (or keep everything with
         `save_tuned_state`). See `convert/rwkv_peft.py`."""
