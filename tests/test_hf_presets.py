@@ -237,3 +237,13 @@ def test_hf_errors_say_what_to_do(hub, monkeypatch, tmp_path):
         RWKV6Backbone.from_preset("hf://someone/empty")
     assert not (tmp_path / "cache" / "hf").exists()
     assert not (tmp_path / "cache" / "downloads").exists()
+
+
+def test_a_handle_that_is_no_repository_id_never_becomes_a_path(hub, tmp_path):
+    for handle in ("hf://../../escape", "hf://a/../../b", "hf://just-one"):
+        with pytest.raises((ValueError, FileNotFoundError)):
+            RWKV6Backbone.from_preset(handle)
+    # Only KerasHub's own download attempts; nothing written anywhere.
+    assert not any(c[0] == "info" for c in hub.calls)
+    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "escape").exists()

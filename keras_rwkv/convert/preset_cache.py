@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from importlib import resources
@@ -156,8 +157,7 @@ def _ensure(target, key, fetch):
                         shutil.rmtree(download_dir, ignore_errors=True)
     finally:
         # A failed attempt leaves nothing: no lock file, no empty dirs.
-        downloads = os.path.join(cache_root(), "downloads")
-        _remove_empty_dirs([os.path.dirname(download_dir), downloads, *created])
+        _remove_empty_dirs([os.path.dirname(download_dir), *created])
     return target
 
 
@@ -315,6 +315,9 @@ def _hf_weight_files(repo_id, files, download_dir):
     )
 
 
+# What a Hugging Face repository id looks like ("org/name"); anything else
+# never becomes a path in the cache.
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # hf:// repositories found not to be RWKV6 in a Hugging Face layout (a
 # KerasHub preset, say): KerasHub loads them, we do not ask again.
 _NOT_OURS = set()
@@ -327,6 +330,8 @@ def prepare_hf(preset):
     from keras_rwkv.convert import huggingface
 
     repo_id = preset[len("hf://") :].strip("/")
+    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        return None  # KerasHub says what is wrong with the handle
     target = hf_preset_dir(repo_id)
     if _complete(target):
         return target  # no network
