@@ -255,13 +255,34 @@ def test_a_long_string_tokenizes_in_a_small_multiple_of_its_size():
 
 
 def test_long_text_windows_give_the_same_ids(monkeypatch):
-    from keras_rwkv.models.rwkv6 import rwkv6_tokenizer
+    from keras_rwkv.models.rwkv6 import rwkv6_encoder
 
     tokenizer = RWKV6Tokenizer()
     text = "日本語 and English, ünïcödé and digits 0123456789. " * 400
     whole = tokenizer.tokenize(text)
-    monkeypatch.setattr(rwkv6_tokenizer, "ENCODE_CHUNK", 97)
+    monkeypatch.setattr(rwkv6_encoder, "ENCODE_CHUNK", 97)
     assert tokenizer.tokenize(text) == whole
+
+
+def test_windows_cut_exactly_on_mixed_text(monkeypatch, reference):
+    # Random code points (astral ones split into byte tokens) and
+    # multi-byte characters at every window edge.
+    from keras_rwkv.models.rwkv6 import rwkv6_encoder
+
+    text = mixed_corpus(60_000, seed=7)
+    monkeypatch.setattr(rwkv6_encoder, "ENCODE_CHUNK", 61)
+    assert RWKV6Tokenizer().tokenize(text) == reference.encode(text)
+
+
+def test_bytes_that_are_not_utf8_match_trie(tokenizer, reference):
+    # Only tf.data strings can carry them; BlinkDL's TRIE takes bytes too.
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 300):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        data += "日本".encode()[:4] + b"\x80abc"
+        ids = tokenizer._encoder.encode_bytes(data)
+        assert ids == reference.encodeBytes(data)
+        assert tokenizer.ids_to_bytes(ids) == data
 
 
 def test_detokenize_refuses_fractional_ids():

@@ -2,23 +2,18 @@ import itertools
 import os
 import types
 
-import ahocorasick_rs
 import keras
 import numpy as np
 from keras_hub.tokenizers import Tokenizer
 
 from keras_rwkv.models.rwkv6.rwkv6_backbone import RWKV6Backbone
+from keras_rwkv.models.rwkv6.rwkv6_encoder import WorldEncoder
+from keras_rwkv.models.rwkv6.rwkv6_encoder import check_id
 from keras_rwkv.models.rwkv6.rwkv6_vocabulary import load_vocabulary_file
 from keras_rwkv.models.rwkv6.rwkv6_vocabulary import vocabulary_line
 
 VOCAB_FILENAME = "rwkv_vocab_v20230424.txt"
 BUNDLED_VOCAB = os.path.join(os.path.dirname(__file__), VOCAB_FILENAME)
-# Token ids the model can emit: 0 .. 65535 (65530.. have no token).
-MAX_TOKEN_ID = 65535
-# Encoding returns these int objects, one per id, so that a long text's
-# list of ids holds pointers only (8 bytes a token, not 36).
-_IDS = list(range(MAX_TOKEN_ID + 2))
-ENCODE_CHUNK = 1 << 20  # bytes matched at a time in a long text
 ERRORS = ("replace", "strict", "ignore", "backslashreplace")
 
 
@@ -33,9 +28,9 @@ class RWKV6Tokenizer(Tokenizer):
     decode to nothing, like 0.
 
     `RWKV6Tokenizer()` uses the vocabulary shipped with the package
-    (from BlinkDL's `rwkv` package, Apache-2.0). Matching runs in
-    `ahocorasick_rs` (leftmost-longest Aho-Corasick), which is exactly
-    greedy longest match because every single byte is a token.
+    (from BlinkDL's `rwkv` package, Apache-2.0). Matching runs in Rust
+    (`pyrwkv-tokenizer`; see `rwkv6_encoder.py`), exactly as BlinkDL's
+    TRIE tokenizer matches.
 
     Tokens (`id_to_token`, `get_vocabulary`) are as in the vocabulary file:
     `str` when the token is valid UTF-8, `bytes` otherwise (a piece of a
@@ -103,12 +98,8 @@ class RWKV6Tokenizer(Tokenizer):
         return self._parsed.token_to_id
 
     @property
-    def _matcher(self):
-        return self._parsed.matcher
-
-    @property
-    def _id_to_bytes(self):
-        return self._parsed.id_to_bytes
+    def _encoder(self):
+        return self._parsed.encoder
 
     def _ensure_vocabulary(self):
         if self._parsed is not None:
@@ -116,8 +107,10 @@ class RWKV6Tokenizer(Tokenizer):
         source = self._vocabulary_source
         if source is None:
             source = BUNDLED_VOCAB
+        path = None
         if isinstance(source, (str, os.PathLike)):
             tokens = load_vocabulary_file(source)
+            path = source  # checked: the Rust matcher may read it as it is
         else:
             tokens = [
                 t.encode("utf-8") if isinstance(t, str) else bytes(t)
@@ -129,19 +122,10 @@ class RWKV6Tokenizer(Tokenizer):
                 "An RWKV vocabulary must contain all 256 single bytes so "
                 f"that any text can be encoded; {len(missing)} are missing."
             )
-        # Every single byte is a token, so leftmost-longest matches tile the
-        # input exactly: this *is* greedy longest-match tokenization.
-        matcher = ahocorasick_rs.BytesAhoCorasick(
-            tokens, matchkind=ahocorasick_rs.MatchKind.LeftmostLongest
-        )
-        id_to_bytes = [b""] + tokens
-        id_to_bytes += [b""] * (MAX_TOKEN_ID + 1 - len(id_to_bytes))
         self._parsed = types.SimpleNamespace(
             tokens=tokens,
             token_to_id={t: i + 1 for i, t in enumerate(tokens)},
-            matcher=matcher,
-            id_to_bytes=id_to_bytes,
-            max_bytes=max(len(t) for t in tokens),
+            encoder=WorldEncoder(tokens, path),
         )
 
     def save_assets(self, dir_path):
@@ -167,7 +151,7 @@ class RWKV6Tokenizer(Tokenizer):
 
     def id_to_token(self, id):
         self._ensure_vocabulary()
-        id = _check_id(id)
+        id = check_id(id)
         if not 1 <= id <= len(self._tokens):
             raise ValueError(
                 f"Id {id} has no token (0 is pad/end; tokens are 1.."
@@ -192,47 +176,18 @@ class RWKV6Tokenizer(Tokenizer):
 
     # --- encoding ---------------------------------------------------------
 
-    def _encode_bytes(self, data):
-        matches = self._matcher.find_matches_as_indexes
-        if len(data) <= ENCODE_CHUNK:
-            return [_IDS[i + 1] for i, _, _ in matches(data)]
-        # A long text goes in windows, so that the matcher's tuples never
-        # exist for all of it at once. Greedy longest match from a token
-        # boundary depends only on the next `max_bytes` bytes, so taking
-        # the matches that start in the first ENCODE_CHUNK bytes of each
-        # window, then going on from the end of the last one, is exact.
-        ids, position, lookahead = [], 0, self._parsed.max_bytes
-        while position < len(data):
-            limit = position + ENCODE_CHUNK
-            window = data[position : limit + lookahead]
-            found = matches(window)
-            if limit < len(data):
-                found = [m for m in found if m[1] < ENCODE_CHUNK]
-            ids += [_IDS[i + 1] for i, _, _ in found]
-            position += found[-1][2]
-        return ids
-
-    def _encode_text(self, text):
-        if not isinstance(text, str):
-            raise TypeError(
-                "RWKV6Tokenizer.tokenize expects a str or a list of str; got "
-                f"{type(text).__name__}"
-                + (
-                    " (decode bytes to str first)"
-                    if isinstance(text, bytes)
-                    else ""
-                )
-                + "."
-            )
+    def _encode(self, texts, batched):
+        """The Rust matcher checks types and UTF-8 itself (no copy here);
+        what it refuses is said again with what to do."""
+        encoder = self._encoder
         try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(
-                "Text contains characters that cannot be encoded as UTF-8 "
-                f"(lone surrogates at {e.start}); clean it first, e.g. "
-                "text.encode('utf-8', 'replace').decode('utf-8')."
-            ) from None
-        return self._encode_bytes(data)
+            if batched:
+                return encoder.encode_batch(texts)
+            return encoder.encode(texts)
+        except (TypeError, UnicodeEncodeError):
+            for text in texts if batched else [texts]:
+                _check_text(text)
+            raise
 
     def tokenize(self, inputs):
         """Text to ids: a str gives a list of ids, a list (or 1-D array) of
@@ -243,7 +198,7 @@ class RWKV6Tokenizer(Tokenizer):
             return self._tokenize_tf(inputs)
         if isinstance(inputs, np.ndarray):
             if inputs.ndim == 0:
-                return self._encode_text(inputs.item())
+                return self._encode(inputs.item(), batched=False)
             if inputs.ndim != 1:
                 raise ValueError(
                     f"tokenize takes a str or a 1-D batch; got shape "
@@ -252,9 +207,8 @@ class RWKV6Tokenizer(Tokenizer):
             inputs = inputs.tolist()
         elif _is_tf_tensor(inputs):
             inputs = _tf_strings_to_python(inputs)
-        if isinstance(inputs, (list, tuple)):
-            return [self._encode_text(x) for x in inputs]
-        return self._encode_text(inputs)
+        batched = isinstance(inputs, (list, tuple))
+        return self._encode(inputs, batched)
 
     def _tokenize_tf(self, inputs):
         import tensorflow as tf
@@ -263,7 +217,8 @@ class RWKV6Tokenizer(Tokenizer):
         scalar = inputs.shape.rank == 0
 
         def encode(strings):
-            seqs = [self._encode_bytes(s) for s in strings.numpy()]
+            encode = self._encoder.encode_bytes
+            seqs = [encode(s) for s in strings.numpy()]
             flat = np.fromiter(itertools.chain.from_iterable(seqs), np.int32)
             return flat, np.array([len(s) for s in seqs], np.int64)
 
@@ -281,14 +236,7 @@ class RWKV6Tokenizer(Tokenizer):
         """The raw bytes of a flat sequence of ids (0 and ids without a
         token give nothing)."""
         self._ensure_vocabulary()
-        table = self._id_to_bytes
-        try:
-            return b"".join([table[_check_id(i)] for i in ids])
-        except TypeError:
-            raise TypeError(
-                "detokenize expects integer ids; got "
-                f"{type(next(iter(ids))).__name__}."
-            ) from None
+        return self._encoder.decode(ids)
 
     def detokenize(self, inputs):
         """Ids to text: a flat sequence (or a single id) gives a str, a
@@ -362,17 +310,27 @@ def _as_text(token):
         return token
 
 
-def _check_id(value):
-    if not isinstance(value, int):
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"Token id {value} is not an integer.")
-        value = int(value)
-    if not 0 <= value <= MAX_TOKEN_ID:
-        raise ValueError(
-            f"Token id {value} is out of range: RWKV World ids are "
-            f"0..{MAX_TOKEN_ID}."
+def _check_text(text):
+    """Raises what is wrong with a text the matcher refused."""
+    if not isinstance(text, str):
+        raise TypeError(
+            "RWKV6Tokenizer.tokenize expects a str or a list of str; got "
+            f"{type(text).__name__}"
+            + (
+                " (decode bytes to str first)"
+                if isinstance(text, bytes)
+                else ""
+            )
+            + "."
         )
-    return value
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            "Text contains characters that cannot be encoded as UTF-8 "
+            f"(lone surrogates at {e.start}); clean it first, e.g. "
+            "text.encode('utf-8', 'replace').decode('utf-8')."
+        ) from None
 
 
 def _is_tf_tensor(x):
@@ -408,8 +366,8 @@ def _canonicalize_ids(inputs):
         return [[inputs]], False
     if isinstance(inputs, (list, tuple)):
         if inputs and isinstance(inputs[0], (list, tuple, np.ndarray)):
-            return [list(seq) for seq in inputs], True
-        return [list(inputs)], False
+            return list(inputs), True
+        return [inputs], False
     raise TypeError(
         "detokenize expects an id, a sequence of ids or a batch of them; "
         f"got {type(inputs).__name__}."
