@@ -1,4 +1,4 @@
-"""The `keras-rwkv` command line: generate, chat, convert.
+"""The `keras-rwkv` command line: generate, chat, convert, export, serve.
 
 The backend is chosen before Keras is imported (`entry.py`): `--backend`,
 else `KERAS_BACKEND`, else JAX when installed. Errors are one or two lines
@@ -95,12 +95,8 @@ def _import_keras(args):
     return keras, keras_hub
 
 
-def _load_model(args):
+def _load_preset(args):
     keras, keras_hub = _import_keras(args)
-    from keras_rwkv.samplers import PenaltySampler
-
-    if args.seed is not None:
-        keras.utils.set_random_seed(args.seed)
     kwargs = {"dtype": args.dtype} if args.dtype else {}
     started = time.perf_counter()
     try:
@@ -117,6 +113,18 @@ def _load_model(args):
             " a directory made by `keras-rwkv convert`, or hf://org/repo."
         ) from e
     log.info("loaded %s in %.1f s", args.preset, time.perf_counter() - started)
+    return lm
+
+
+def _load_model(args):
+    lm = _load_preset(args)
+    import keras
+    import keras_hub
+
+    from keras_rwkv.samplers import PenaltySampler
+
+    if args.seed is not None:
+        keras.utils.set_random_seed(args.seed)
     inner = {
         "greedy": lambda: keras_hub.samplers.GreedySampler(),
         "top_k": lambda: keras_hub.samplers.TopKSampler(
@@ -321,6 +329,29 @@ class CommandError(Exception):
 log = logging.getLogger("keras_rwkv")
 
 
+def _serve(args):
+    from keras_rwkv.serve import server
+
+    try:
+        server.check_extra()
+    except ImportError as e:
+        raise CommandError(str(e)) from None
+    lm = _load_preset(args)
+    name = args.model_name or os.path.basename(args.preset.rstrip("/"))
+    server.serve(
+        lm,
+        name,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        state_cache_bytes=args.state_cache_mb << 20,
+        max_prompt_tokens=args.max_prompt_tokens,
+        default_max_tokens=args.default_max_tokens,
+        request_timeout=args.request_timeout,
+    )
+
+
 def _setup_logging(verbose):
     if not any(getattr(h, "_keras_rwkv_cli", False) for h in log.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -357,6 +388,7 @@ def main(argv=None):
             "chat": _chat,
             "convert": _convert,
             "export": _export,
+            "serve": _serve,
         }
     ).parse_args(argv)
     if not args.verbose and entry.choice and entry.choice[0] == "tensorflow":

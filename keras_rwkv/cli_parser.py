@@ -55,13 +55,22 @@ def _add_common_args(p):
     )
 
 
-def _add_generation_args(p):
+def _add_model_args(p):
     p.add_argument(
         "--preset",
         default=DEFAULT_PRESET,
         help="preset name, a directory made by `keras-rwkv convert`, or "
         "hf://org/repo (an RWKV6 or KerasHub-format repository)",
     )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="compute dtype, e.g. bfloat16 (default: the preset's)",
+    )
+
+
+def _add_generation_args(p):
+    _add_model_args(p)
     p.add_argument(
         "--max-new-tokens",
         type=_number(int, 1),
@@ -134,11 +143,6 @@ def _add_generation_args(p):
         default=None,
         help="random seed, for repeatable sampling (default: a new one "
         "each run)",
-    )
-    p.add_argument(
-        "--dtype",
-        default=None,
-        help="compute dtype, e.g. bfloat16 (default: the preset's)",
     )
 
 
@@ -246,7 +250,69 @@ def build_parser(handlers):
         "--overwrite", action="store_true", help="replace OUTPUT if it exists"
     )
     export.set_defaults(func=handlers["export"])
+
+    _add_serve_command(command("serve", SERVE_HELP), handlers["serve"])
     return parser
+
+
+SERVE_HELP = (
+    "Serve the model over the OpenAI API (/v1/completions, "
+    "/v1/chat/completions, streaming), batching concurrent requests and "
+    "caching prompt states. Needs pip install 'keras-rwkv[serve]'."
+)
+
+
+def _add_serve_command(p, handler):
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument(
+        "--port", type=_number(int, 0, 65535), default=8000, help="port"
+    )
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="the model id clients send and /v1/models lists (default: "
+        "the preset's name)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=_number(int, 1, 1024),
+        default=8,
+        help="requests decoded together, one step for all",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=_number(int, 1),
+        default=64,
+        help="requests that may wait for a slot; more are answered 429",
+    )
+    p.add_argument(
+        "--state-cache-mb",
+        type=_number(int, 0),
+        default=1024,
+        help="memory for the states after prompt prefixes (chat turns, "
+        "system prompts); 0 turns the cache off",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=_number(int, 1),
+        default=32768,
+        help="longer prompts are answered 400",
+    )
+    p.add_argument(
+        "--default-max-tokens",
+        type=_number(int, 1),
+        default=256,
+        help="tokens generated when a request gives no max_tokens",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=_number(float, 0, low_open=True),
+        default=600.0,
+        help="seconds a request may wait and run; then it ends (504, or "
+        "finish_reason 'timeout' when streaming)",
+    )
+    p.set_defaults(func=handler)
 
 
 def _version():

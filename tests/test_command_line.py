@@ -171,3 +171,78 @@ def test_offline_first_run_fails_fast_in_two_lines(tmp_path):
 )
 def test_which_processes_are_the_command_line(argv0, orig_argv, expected):
     assert is_cli_process(argv0, orig_argv) is expected
+
+
+def test_serve_answers_the_openai_api_and_stops_on_ctrl_c(preset, tmp_path):
+    # The installed script, as a user starts it; then Ctrl-C.
+    import json
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [SCRIPT, "serve", "--preset", preset, "--port", str(port)],
+        env=user_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    health = json.load(r)
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert health["status"] == "ok"
+        with urllib.request.urlopen(base + "/v1/models", timeout=30) as r:
+            models = json.load(r)
+        # The model's name defaults to the preset's.
+        assert models["data"][0]["id"] == os.path.basename(preset)
+        body = json.dumps(
+            {
+                "model": os.path.basename(preset),
+                "prompt": "Hello",
+                "max_tokens": 3,
+                "temperature": 0,
+            }
+        ).encode()
+        request = urllib.request.Request(
+            base + "/v1/completions",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as r:
+            reply = json.load(r)
+        assert reply["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 130), err[-2000:]
+    assert "serving" in err and f":{port}/v1" in err
+    assert "Traceback" not in err
+
+
+def test_serve_without_its_extra_says_what_to_install(
+    preset, monkeypatch, capsys
+):
+    from keras_rwkv import cli
+    from keras_rwkv.serve import server
+
+    def missing():
+        raise ImportError(server.MISSING_EXTRA)
+
+    monkeypatch.setattr(server, "check_extra", missing)
+    code = cli.main(["serve", "--preset", preset])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pip install 'keras-rwkv[serve]'" in err
+    assert len(err.strip().splitlines()) <= 2

@@ -367,3 +367,37 @@ def test_changing_what_trains_needs_a_compile_and_breaks_nothing(world_pth):
         )
         for i in range(2)
     )
+
+
+def test_programs_see_lora_and_state_tuning_added_on_the_backbone(world_pth):
+    # The compiled read program keeps the model's variable lists between
+    # calls; adding LoRA or tuned states on the backbone (not through the
+    # task, which drops its programs) must still reach it.
+    lm = text_lm(world_pth)
+    ids = {
+        "token_ids": np.array([[11, 12, 13]]),
+        "padding_mask": np.ones((1, 3)),
+    }
+
+    def wkv_after_read():
+        return ops.convert_to_numpy(lm.prefill(ids).wkv)
+
+    def wkv_eager():
+        _, _, state = lm.call_with_state(ids["token_ids"])
+        return ops.convert_to_numpy(state.wkv)
+
+    before = wkv_after_read()
+    lm.backbone.enable_lora(rank=2)
+    rng = np.random.default_rng(0)
+    for v in lm.backbone.trainable_variables:
+        v.assign(rng.normal(0, 0.5, v.shape).astype("float32"))
+    with_lora = wkv_after_read()
+    assert relative_error(with_lora, before) > 1e-3
+    assert relative_error(with_lora, wkv_eager()) < 1e-4
+
+    lm.backbone.enable_state_tuning()
+    for v in lm.backbone.trainable_variables:
+        v.assign(rng.normal(0, 0.5, v.shape).astype("float32"))
+    tuned = wkv_after_read()
+    assert relative_error(tuned, with_lora) > 1e-3
+    assert relative_error(tuned, wkv_eager()) < 1e-4

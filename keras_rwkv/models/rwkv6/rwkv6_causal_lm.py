@@ -166,11 +166,13 @@ class RWKV6CausalLM(CausalLM):
             stop_token_ids, self._tokenizer(), self.backbone.vocabulary_size
         )
 
-    def _compiled(self, key, fn):
+    def _compiled(self, key, fn, frozen_weights=False):
         """`fn` compiled for this backend (`rwkv6_compiled.py`), once per
         key; `compile` and `quantize` drop them."""
         if key not in self._compiled_functions:
-            self._compiled_functions[key] = compile_for_backend(self, fn)
+            self._compiled_functions[key] = compile_for_backend(
+                self, fn, frozen_weights
+            )
         return self._compiled_functions[key]
 
     def _prepare_state(self, state, batch_size):
