@@ -325,3 +325,22 @@ def test_timeouts_end_a_job(server):
     engine.submit(job)
     assert done.wait(30)
     assert events[-1] == ("done", "timeout")
+
+
+def test_a_failing_reply_cache_does_not_stop_the_server(client, server):
+    engine, _ = server
+
+    def broken(job):
+        raise RuntimeError("the cache broke")
+
+    engine._cache_follow_up = broken
+    try:
+        messages = [{"role": "user", "content": "Tell me more."}]
+        for _ in range(2):
+            reply = client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=3, temperature=0
+            )
+            assert reply.choices[0].finish_reason in ("stop", "length")
+        assert engine.running
+    finally:
+        del engine._cache_follow_up

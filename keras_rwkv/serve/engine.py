@@ -11,6 +11,7 @@ which leaves its state as it is: one program serves every batch mix.
 """
 
 import functools
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,8 @@ from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
 from keras_rwkv.serve.chat import StopText
 from keras_rwkv.serve.row_picker import RowPicker
 from keras_rwkv.serve.state_cache import StateCache
+
+log = logging.getLogger("keras_rwkv")
 
 
 class QueueFull(Exception):
@@ -331,7 +334,10 @@ class Engine:
             "stop",
             "length",
         ):
-            self._cache_follow_up(job)
+            try:
+                self._cache_follow_up(job)
+            except Exception:  # noqa: BLE001 - the cache is an extra
+                log.warning("caching a reply's state failed", exc_info=True)
 
     def _cache_follow_up(self, job):
         found = job.follow_up(job.text)
