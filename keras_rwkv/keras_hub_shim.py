@@ -104,3 +104,10 @@ def install():
             getattr(module, "get_file", None) is original
         ):
             module.get_file = get_file
+
+
+def lora_layer_count(backbone):
+    """How many layers KerasHub's `Backbone.enable_lora` has given LoRA
+    (its private record; 0 if this KerasHub keeps none). Read to notice
+    LoRA added to a model whose compiled programs hold its variables."""
+    return len(getattr(backbone, "_lora_enabled_layers", None) or ())

@@ -67,3 +67,24 @@ def test_an_incompatible_keras_hub_fails_loudly(monkeypatch, changes, problem):
     message = str(info.value)
     assert problem in message and keras_hub.__version__ in message
     assert "pip install 'keras-hub>=0.32,<0.33'" in message
+
+
+def test_lora_layer_count_sees_keras_hubs_enable_lora():
+    # Compiled programs keep the model's variable lists and notice LoRA
+    # through this count: a KerasHub that records it elsewhere must fail
+    # here, not leave programs blind to the LoRA weights.
+    from keras_rwkv import RWKV6Backbone
+    from keras_rwkv.keras_hub_shim import lora_layer_count
+
+    backbone = RWKV6Backbone(
+        vocabulary_size=50,
+        num_layers=2,
+        hidden_dim=64,
+        intermediate_dim=128,
+        mix_lora_dim=8,
+        decay_lora_dim=8,
+    )
+    assert lora_layer_count(backbone) == 0
+    backbone.enable_lora(rank=2, target_layer_names=["key"])
+    # "key": the time mix's and the channel mix's, in each of 2 blocks.
+    assert lora_layer_count(backbone) == 4

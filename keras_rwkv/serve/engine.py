@@ -145,6 +145,12 @@ class Engine:
             self.lm.compile(sampler="greedy")
         state = self.lm.backbone.initial_state(self.max_batch)
         self._layers = state.layers()
+        # The served weights do not change: read them once.
+        self._step_program = self.lm._compiled(
+            ("serve", "step", self.max_batch),
+            functools.partial(_step, self.lm),
+            frozen_weights=True,
+        )
         self._thread = threading.Thread(
             target=self._run, name="keras-rwkv-engine", daemon=True
         )
@@ -258,9 +264,8 @@ class Engine:
         return out
 
     def _step(self):
-        step = self._compiled("step", functools.partial(_step, self.lm))
         logits, self._layers = self._timed(
-            "step", step, self._fed, self._layers
+            "step", self._step_program, self._fed, self._layers
         )
         self.counters["steps"] += 1
         tokens = self._timed("pick", self._pick, logits)
@@ -347,12 +352,6 @@ class Engine:
         state = self.cache.get(prefix)
         if state is not None and self.cache.get(prefix + more) is None:
             self.cache.put(prefix + more, self._read(more, state))
-
-    def _compiled(self, name, fn):
-        # The served weights do not change: read them once.
-        return self.lm._compiled(
-            ("serve", name, self.max_batch), fn, frozen_weights=True
-        )
 
 
 def _step(lm, fed, layers):

@@ -14,6 +14,8 @@ import itertools
 
 import keras
 
+from keras_rwkv.keras_hub_shim import lora_layer_count
+
 
 def compile_for_backend(lm, fn, frozen_weights=False):
     """`fn(*tensors)` as a callable for `lm`'s backend (see the module
@@ -42,6 +44,7 @@ def compile_for_backend(lm, fn, frozen_weights=False):
     def model_variables():
         mark = _variables_mark(lm)
         if taken.get("mark") != mark:
+            taken.pop("values", None)  # frozen values of other variables
             taken.update(
                 mark=mark,
                 trainable=list(lm.trainable_variables),
@@ -69,10 +72,10 @@ def compile_for_backend(lm, fn, frozen_weights=False):
         return out, new_sampler_v
 
     def run(*args):
-        if "values" in taken and frozen_weights:
+        trainable, non_trainable = model_variables()
+        if "values" in taken:
             weights = taken["values"]
         else:
-            trainable, non_trainable = model_variables()
             weights = (
                 [v.value for v in trainable],
                 [v.value for v in non_trainable],
@@ -97,7 +100,7 @@ def _variables_mark(lm):
     backbone = lm.backbone
     first = backbone.transformer_layers[0].time_mix.receptance
     return (
-        len(getattr(backbone, "_lora_enabled_layers", None) or ()),
+        lora_layer_count(backbone),
         backbone.tuned_state,
         first.quantization_mode,
         first.lora_enabled,
