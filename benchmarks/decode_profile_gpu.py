@@ -25,9 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from shapes import RWKV6_1B6  # noqa: E402
 
-# name: (extra XLA flags, quantization mode or None, environment)
+# name: (extra XLA flags, quantization mode or None, environment); the
+# pseudo-variable FUSION=off keeps the fused step kernels out (products on
+# the matvec kernel only: the code before them).
 VARIANTS = {
     "base": ("", None, {}),
+    "matvec": ("", None, {"FUSION": "off"}),
     "xla": ("", None, {"KERAS_RWKV_STEP_KERNEL": "xla"}),
     "int8_xla": ("", "int8", {"KERAS_RWKV_STEP_KERNEL": "xla"}),
     "rows1": ("", None, {"KERAS_RWKV_STEP_ROWS": "1"}),
@@ -73,6 +76,8 @@ def quantize(lm, mode):
 
 def run_variant(name, new_tokens, batches, profile_new, profile_batches):
     flags, mode, env = VARIANTS[name]
+    env = dict(env)
+    fusion = env.pop("FUSION", "on")
     os.environ.update(env)
     if flags:
         os.environ["XLA_FLAGS"] = (
@@ -87,7 +92,10 @@ def run_variant(name, new_tokens, batches, profile_new, profile_batches):
 
     from keras_rwkv import RWKV6Backbone
     from keras_rwkv import RWKV6CausalLM
+    from keras_rwkv.models.rwkv6 import rwkv6_step_fusion
 
+    if fusion == "off":
+        rwkv6_step_fusion.step_fused = lambda: None
     keras.utils.set_random_seed(0)
     backbone = RWKV6Backbone(**RWKV6_1B6, dtype="bfloat16")
     lm = RWKV6CausalLM(backbone)

@@ -170,6 +170,24 @@ def test_all_padding_row_keeps_the_state():
         )
 
 
+@pytest.mark.parametrize("length", [1, 3])
+def test_bfloat16_model_keeps_its_float32_state(length):
+    """A bfloat16 model's WKV state stays float32 through the layers (Keras
+    would cast a layer's floating arguments to bfloat16): pads leave it
+    exactly as it was, sequence and step alike."""
+    backbone = tiny_backbone(dtype="bfloat16")
+    _, state = backbone.call_with_state(tokens(5, seed=7))
+    # Not representable in bfloat16: a cast on the way would show.
+    wkv = state.wkv + np.float32(1e-4)
+    state = RWKV6State(wkv, state.shift)
+    _, same = backbone.call_with_state(
+        np.zeros((1, length), int), np.zeros((1, length), "int32"), state
+    )
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(same.wkv), ops.convert_to_numpy(state.wkv)
+    )
+
+
 def test_state_broadcast_errors():
     backbone = tiny_backbone()
     state = RWKV6State.zeros(backbone, batch_size=2)

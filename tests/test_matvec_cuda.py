@@ -14,16 +14,23 @@ import pytest
 from tests.reference import relative_error
 
 
-def _kernel_or_skip():
+def sm90_or_skip():
+    """The GPU's compute capability ("90"), or a skip: the step kernels
+    are JAX's and need sm_90."""
     if keras.config.backend() != "jax":
-        pytest.skip("the step kernel is JAX's")
+        pytest.skip("the step kernels are JAX's")
     import jax
 
     if jax.default_backend() != "gpu":
         pytest.skip("no GPU")
     arch = jax.devices()[0].compute_capability.replace(".", "")
     if int(arch) < 90:
-        pytest.skip("the kernel needs sm_90")
+        pytest.skip("the kernels need sm_90")
+    return arch
+
+
+def _kernel_or_skip():
+    arch = sm90_or_skip()
     from keras_rwkv.ops.matvec import jax_binding
 
     jax_binding.load(arch)
@@ -69,14 +76,16 @@ def test_kernel_matches_jax(kind, shapes):
             assert relative_error(g, w) < 1e-2, (rows, g.shape)
 
 
-def test_model_step_on_the_gpu_kernel(monkeypatch):
-    """A bfloat16 model's decoding step on the kernel gives XLA's logits
-    (to bfloat16 precision), at batch 1 and 3."""
+def test_model_step_on_the_gpu_kernels(monkeypatch):
+    """A bfloat16 model's decoding step on our kernels (the products at
+    batch 1 and 3, the fused pieces at batch 1) gives XLA's logits and
+    state, to bfloat16 precision."""
     _kernel_or_skip()
     from keras import ops
 
     from keras_rwkv import RWKV6Backbone
     from keras_rwkv.models.rwkv6 import rwkv6_projection
+    from keras_rwkv.models.rwkv6 import rwkv6_step_fusion
 
     keras.utils.set_random_seed(0)
     backbone = RWKV6Backbone(
@@ -94,12 +103,19 @@ def test_model_step_on_the_gpu_kernel(monkeypatch):
         _, state = backbone.call_with_state(ids[:, :5], mask[:, :5])
 
         def step(ids=ids, mask=mask, state=state):
-            hidden, _ = backbone.call_with_state(ids[:, 5:], mask[:, 5:], state)
+            hidden, new = backbone.call_with_state(
+                ids[:, 5:], mask[:, 5:], state
+            )
             logits = backbone.token_embedding(hidden, reverse=True)
-            return ops.convert_to_numpy(ops.cast(logits, "float32"))
+            return [
+                ops.convert_to_numpy(ops.cast(t, "float32"))
+                for t in (logits, new.layers()[0][2])
+            ]
 
-        with_kernel = step()
+        with_kernels = step()
         with monkeypatch.context() as patch:
             patch.setattr(rwkv6_projection, "step_matvec", lambda: None)
+            patch.setattr(rwkv6_step_fusion, "step_fused", lambda: None)
             without = step()
-        assert relative_error(with_kernel, without) < 2e-2
+        for got, want in zip(with_kernels, without):
+            assert relative_error(got, want) < 2e-2

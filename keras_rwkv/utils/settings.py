@@ -46,9 +46,10 @@ STEP_KERNELS = ("auto", "cuda", "xla")
 
 
 def step_kernel():
-    """`KERAS_RWKV_STEP_KERNEL`: which matrix-vector products a decoding
-    step runs (`keras_rwkv.ops.matvec`): "auto" (the CUDA kernel where it
-    runs), "cuda" (it, or an error saying why not) or "xla"."""
+    """`KERAS_RWKV_STEP_KERNEL`: whether a decoding step runs its own CUDA
+    kernels (`keras_rwkv.ops.matvec`: the products and the fused pieces):
+    "auto" (where they run), "cuda" (them, or an error saying why not) or
+    "xla"."""
     value = os.environ.get(STEP_KERNEL_ENV_VAR, "").strip().lower()
     if not value:
         return "auto"

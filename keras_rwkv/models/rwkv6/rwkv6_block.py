@@ -1,5 +1,6 @@
 import keras
 
+from keras_rwkv.models.rwkv6 import rwkv6_step_fusion
 from keras_rwkv.models.rwkv6.rwkv6_channel_mix import RWKV6ChannelMix
 from keras_rwkv.models.rwkv6.rwkv6_time_mix import RWKV6TimeMix
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import token_shift
@@ -58,6 +59,10 @@ class RWKV6Block(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # Keras would cast every floating argument to the compute dtype,
+        # the float32 WKV state too: a bfloat16 model's state would lose
+        # precision at every call (and a pad would change it).
+        self._convert_input_args = False
         if tuned_state not in TUNED_STATES:
             raise ValueError(
                 f"tuned_state={tuned_state!r}; use one of {TUNED_STATES}."
@@ -174,18 +179,21 @@ class RWKV6Block(keras.layers.Layer):
         Returns:
             `(x [B, T, C], new_state)`.
         """
+        x = keras.ops.cast(x, self.compute_dtype)
         if state is None:
             state = self.initial_layer_state(
                 keras.ops.shape(x)[0], self.compute_dtype
             )
         shift_tm, shift_cm, wkv = state
 
-        xx = self.ln1(x)
+        # A batch-1 step may run its norms (and the residual add before
+        # ln2) as fused kernels (`rwkv6_step_fusion`); the math is the same.
+        fused = rwkv6_step_fusion.fused_step_for(x)
+        xx = rwkv6_step_fusion.norm(fused, self.ln1, x)
         previous, shift_tm = token_shift(xx, shift_tm, prev_index, last_index)
         out, wkv = self.time_mix(xx, previous, padding_mask, wkv)
-        x = x + out
 
-        xx = self.ln2(x)
+        xx, x = rwkv6_step_fusion.norm(fused, self.ln2, x, delta=out)
         previous, shift_cm = token_shift(xx, shift_cm, prev_index, last_index)
         x = x + self.channel_mix(xx, previous)
         return x, (shift_tm, shift_cm, wkv)

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_rwkv.models.rwkv6 import rwkv6_step_fusion
 from keras_rwkv.models.rwkv6.rwkv6_projection import project
 from keras_rwkv.models.rwkv6.rwkv6_projection import project_many
 from keras_rwkv.ops.wkv6 import resolve_kernel
@@ -50,6 +51,10 @@ class RWKV6TimeMix(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # Keras would cast every floating argument to the compute dtype,
+        # the float32 WKV state too: a bfloat16 model's state would lose
+        # precision at every call (and a pad would change it).
+        self._convert_input_args = False
         if hidden_dim % head_size:
             raise ValueError(
                 f"hidden_dim ({hidden_dim}) must be a multiple of head_size "
@@ -152,17 +157,33 @@ class RWKV6TimeMix(keras.layers.Layer):
         Returns:
             `(output [B, T, C], wkv_state [B, H, N, N] float32)`.
         """
+        x, previous = (ops.cast(t, self.compute_dtype) for t in (x, previous))
         batch, seq_len = ops.shape(x)[0], ops.shape(x)[1]
         h, n = self.num_heads, self.head_size
-        sx = previous - x
-        xxx = x + sx * self.time_maa_x
-        mix = ops.tanh(ops.matmul(xxx, self.time_maa_w1))
-        mix = ops.reshape(mix, (batch, seq_len, 5, self.mix_lora_dim))
-        mix = ops.einsum("btfd,fdc->btfc", mix, self.time_maa_w2)
-        mixed = x[:, :, None] + sx[:, :, None] * (self.time_maa + mix)
-        x_w, x_k, x_v, x_r, x_g = (mixed[:, :, i] for i in range(5))
+        # A batch-1 step runs the mixes and decay, and the WKV step with
+        # its norm and gate, as fused kernels (`rwkv6_step_fusion`).
+        fused = self._fused_step(x)
+        if fused is not None:
+            mask = rwkv6_step_fusion.step_mask(padding_mask)
+            maa_x, maa, decay = rwkv6_step_fusion.params(
+                self.time_maa_x, self.time_maa, self.time_decay
+            )
+            w1, w2, dw1, dw2 = (
+                ops.cast(w, "bfloat16")
+                for w in (
+                    self.time_maa_w1,
+                    self.time_maa_w2,
+                    self.time_decay_w1,
+                    self.time_decay_w2,
+                )
+            )
+            *mixed, log_w = fused.mix(
+                x, previous, maa_x, maa, w1, w2, decay, dw1, dw2, mask
+            )
+            x_k, x_v, x_r, x_g = mixed
+        else:
+            x_w, x_k, x_v, x_r, x_g = self._mixes(x, previous)
 
-        mask = ops.cast(padding_mask, self.compute_dtype)[:, :, None]
         r, k, v, g = project_many(
             [
                 (self.receptance, x_r),
@@ -171,6 +192,29 @@ class RWKV6TimeMix(keras.layers.Layer):
                 (self.gate, x_g),
             ]
         )
+        if fused is not None:
+            if wkv_state is None:
+                wkv_state = ops.zeros((1, h, n, n), "float32")
+            wkv_state = ops.cast(wkv_state, "float32")
+            u, gamma, beta = rwkv6_step_fusion.params(
+                self.time_faaaa, self.ln_x_gamma, self.ln_x_beta
+            )
+            y, wkv_state = fused.wkv_gate(
+                r,
+                k,
+                v,
+                g,
+                log_w,
+                u,
+                wkv_state,
+                gamma,
+                beta,
+                mask,
+                self.group_norm_epsilon,
+            )
+            return project(self.output_dense, y), wkv_state
+
+        mask = ops.cast(padding_mask, self.compute_dtype)[:, :, None]
         k = k * mask  # a pad adds nothing to the state...
         g = ops.silu(g)
 
@@ -204,6 +248,28 @@ class RWKV6TimeMix(keras.layers.Layer):
         y = ops.reshape(y, (batch, seq_len, self.hidden_dim))
         y = ops.cast(y, self.compute_dtype) * g
         return project(self.output_dense, y), wkv_state
+
+    def _mixes(self, x, previous):
+        """The five token-shift mixes `x_w, x_k, x_v, x_r, x_g`."""
+        batch, seq_len = ops.shape(x)[0], ops.shape(x)[1]
+        sx = previous - x
+        xxx = x + sx * self.time_maa_x
+        mix = ops.tanh(ops.matmul(xxx, self.time_maa_w1))
+        mix = ops.reshape(mix, (batch, seq_len, 5, self.mix_lora_dim))
+        mix = ops.einsum("btfd,fdc->btfc", mix, self.time_maa_w2)
+        mixed = x[:, :, None] + sx[:, :, None] * (self.time_maa + mix)
+        return tuple(mixed[:, :, i] for i in range(5))
+
+    def _fused_step(self, x):
+        fused = rwkv6_step_fusion.fused_step_for(x)
+        if fused is None or not rwkv6_step_fusion.shapes_ok(
+            self.hidden_dim,
+            self.mix_lora_dim,
+            self.decay_lora_dim,
+            self.head_size,
+        ):
+            return None
+        return fused
 
     def _group_norm(self, y):
         """Per-head normalisation in float32, then the `ln_x` affine."""

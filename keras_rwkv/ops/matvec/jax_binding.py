@@ -15,10 +15,32 @@ import numpy as np
 from keras_rwkv.ops.wkv6.cuda import build
 
 TARGET = "keras_rwkv_matvec"
+SYMBOL = "KerasRwkvMatvec"
 # Operands per product for each kind (see matvec_jax_ffi.cu).
 BF16, INT8, INT8_ROWS = 0, 1, 2
 GROUP = {BF16: 2, INT8: 3, INT8_ROWS: 4}
 _state = {}
+
+
+def build_and_register(flavor, arch, targets):
+    """Builds (once per source, see `build.py`) one flavour's library and
+    registers its FFI `targets` (`{target name: symbol}`) with XLA.
+
+    Returns:
+        `(library, path)`.
+    """
+    import jaxlib
+
+    version = f"jax{jax.__version__}-jaxlib{jaxlib.__version__}"
+    path = build.build(
+        flavor, arch, version, include_dirs=[jax.ffi.include_dir()]
+    )
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    for target, symbol in targets.items():
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA"
+        )
+    return lib, path
 
 
 def load(arch):
@@ -29,16 +51,7 @@ def load(arch):
     """
     if _state:
         return
-    import jaxlib
-
-    version = f"jax{jax.__version__}-jaxlib{jaxlib.__version__}"
-    path = build.build(
-        "matvec_jax", arch, version, include_dirs=[jax.ffi.include_dir()]
-    )
-    lib = ctypes.cdll.LoadLibrary(str(path))
-    jax.ffi.register_ffi_target(
-        TARGET, jax.ffi.pycapsule(lib.KerasRwkvMatvec), platform="CUDA"
-    )
+    lib, path = build_and_register("matvec_jax", arch, {TARGET: SYMBOL})
     _state.update(lib=lib, arch=arch, path=path)
 
 

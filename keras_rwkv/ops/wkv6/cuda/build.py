@@ -2,7 +2,8 @@
 
 A flavour is one library: the WKV6 kernels for JAX ("jax") or torch
 ("torch"), and the decoding-step matrix-vector products for JAX
-("matvec_jax", `keras_rwkv/ops/matvec/cuda`). The cache file name carries a
+("matvec_jax", `keras_rwkv/ops/matvec/cuda`) and the fused pieces of
+a decoding step ("step_jax", the same folder). The cache file name carries a
 hash of the kernel sources, the flavour, the GPU architecture and the
 framework version,
 so a change of any of them builds a fresh library and stale ones are never
@@ -31,6 +32,11 @@ FLAVORS = {
         "matvec_jax",
         MATVEC_DIR / "matvec_jax_ffi.cu",
         "matvec_kernels.cuh",
+    ),
+    "step_jax": (
+        "step_jax",
+        MATVEC_DIR / "step_jax_ffi.cu",
+        "step_kernels.cuh",
     ),
 }
 
