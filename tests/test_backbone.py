@@ -188,6 +188,22 @@ def test_bfloat16_model_keeps_its_float32_state(length):
     )
 
 
+def test_layers_take_arrays_positionally():
+    """The layers convert their inputs themselves (Keras's conversion is
+    off for them, see above): numpy arrays work, as in their docstrings."""
+    from keras_rwkv.models.rwkv6.rwkv6_block import RWKV6Block
+    from keras_rwkv.models.rwkv6.rwkv6_token_shift import shift_indices
+
+    block = RWKV6Block(hidden_dim=128, intermediate_dim=256, dtype="bfloat16")
+    x = np.random.default_rng(0).random((2, 5, 128)).astype("float32")
+    mask = np.ones((2, 5), "int32")
+    y, (shift_tm, _, wkv) = block(x, mask, *shift_indices(mask))
+    assert "bfloat16" in str(y.dtype) and tuple(y.shape) == x.shape
+    assert "float32" in str(wkv.dtype)
+    out, _ = block.time_mix(x, x, mask, None)
+    assert tuple(out.shape) == x.shape
+
+
 def test_state_broadcast_errors():
     backbone = tiny_backbone()
     state = RWKV6State.zeros(backbone, batch_size=2)

@@ -61,8 +61,10 @@ class RWKV6Block(keras.layers.Layer):
         super().__init__(**kwargs)
         # Keras would cast every floating argument to the compute dtype,
         # the float32 WKV state too: a bfloat16 model's state would lose
-        # precision at every call (and a pad would change it).
+        # precision at every call (and a pad would change it). `call`
+        # converts and casts its inputs itself, arrays included.
         self._convert_input_args = False
+        self._allow_non_tensor_positional_args = True
         if tuned_state not in TUNED_STATES:
             raise ValueError(
                 f"tuned_state={tuned_state!r}; use one of {TUNED_STATES}."
