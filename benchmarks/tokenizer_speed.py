@@ -3,7 +3,8 @@ BlinkDL's TRIE_TOKENIZER (the anchor) and KerasHub's RWKVTokenizer; same
 text, same run, one thread unless said.
 
 Rows: encode of one 4 MB string, of 10,000 short lines (one call with the
-list), of a 12 MB string (windowed, shared int objects), and decode.
+list), of a 12 MB string (windowed, shared int objects), and decode of a
+list and of an int32 array.
 Ids are checked identical to TRIE's before anything is timed.
 
     pip install pyrwkv-tokenizer   # the peer, if not installed
@@ -16,6 +17,8 @@ import platform
 import random
 import statistics
 import time
+
+import numpy as np
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -137,8 +140,21 @@ def main():
         rows_for(ours.tokenize, trie.encode, peer_encode, big, n_big),
     )
     table(
-        "decode 4 MB of ids",
+        "decode 4 MB of ids, a list",
         rows_for(ours.detokenize, trie.decode, peer_decode, ids, n_text),
+    )
+    # What `generate` returns: an int32 array (the others need a list).
+    id_array = np.array(ids, "int32")
+    assert ours.detokenize(id_array) == text
+    table(
+        "decode 4 MB of ids, an int32 array",
+        rows_for(
+            ours.detokenize,
+            lambda a: trie.decode(a.tolist()),
+            peer and (lambda a: peer.decode(a.tolist())),
+            id_array,
+            n_text,
+        ),
     )
     try:
         from keras_hub.tokenizers import RWKVTokenizer

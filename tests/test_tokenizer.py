@@ -107,6 +107,38 @@ def test_special_ids(tokenizer):
     assert tokenizer.detokenize([0] + hello + [65535, 0]) == "Hello"
 
 
+@pytest.mark.parametrize("dtype", ["int32", "int64", "uint16", "uint64"])
+def test_ids_decode_as_trie_from_lists_and_arrays(tokenizer, reference, dtype):
+    # Random ids over the whole range: 0 and the ids without a token
+    # (65530..) give nothing; TRIE's decoder only takes known ids.
+    ids = np.random.default_rng(0).integers(0, 65536, size=(3, 5000))
+    want = [
+        reference.decodeBytes([i for i in row if i in reference.idx2token])
+        for row in ids.tolist()
+    ]
+    array = ids.astype(dtype)
+    assert [tokenizer.ids_to_bytes(row) for row in array] == want
+    assert [tokenizer.ids_to_bytes(row) for row in ids.tolist()] == want
+    text = [w.decode("utf-8", "replace") for w in want]
+    assert tokenizer.detokenize(array) == text
+    assert tokenizer.detokenize(array[1]) == text[1]
+    strided = array[:, ::2]  # a view, not contiguous
+    assert tokenizer.ids_to_bytes(strided[2]) == reference.decodeBytes(
+        [i for i in ids[2, ::2].tolist() if i in reference.idx2token]
+    )
+
+
+def test_bad_ids_in_arrays_are_named(tokenizer):
+    with pytest.raises(ValueError, match="Token id -3 is out of range"):
+        tokenizer.detokenize(np.array([[5, -3]], "int32"))
+    with pytest.raises(ValueError, match=f"Token id {2**63 + 5} is out"):
+        tokenizer.detokenize(np.array([5, 2**63 + 5], "uint64"))
+    with pytest.raises(ValueError, match="Token id 65536 is out"):
+        tokenizer.ids_to_bytes(np.array([65536]))
+    assert tokenizer.ids_to_bytes(np.array([], "int32")) == b""
+    assert tokenizer.ids_to_bytes(np.array([0, 65535])) == b""
+
+
 def test_vocabulary_lookups(tokenizer, reference):
     vocab = tokenizer.get_vocabulary()
     assert len(vocab) == 65529

@@ -270,7 +270,7 @@ class RWKV6Tokenizer(Tokenizer):
             lengths = tf.fill([tf.shape(inputs)[0]], tf.shape(inputs)[1])
 
         def decode(flat, lengths):
-            flat, out, start = flat.numpy().tolist(), [], 0
+            flat, out, start = flat.numpy(), [], 0
             for n in lengths.numpy().tolist():
                 data = self.ids_to_bytes(flat[start : start + n])
                 out.append(data.decode("utf-8", self.errors).encode("utf-8"))
@@ -361,7 +361,10 @@ def _canonicalize_ids(inputs):
             raise TypeError(
                 f"detokenize expects integer ids; got dtype {inputs.dtype}."
             )
-        inputs = inputs.tolist()
+        # Arrays stay arrays: the decoder gathers from them as they are.
+        if inputs.ndim == 2:
+            return list(inputs), True
+        return [inputs.reshape(-1)], False
     if isinstance(inputs, (int, np.integer)):
         return [[inputs]], False
     if isinstance(inputs, (list, tuple)):
