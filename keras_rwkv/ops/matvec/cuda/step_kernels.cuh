@@ -11,8 +11,8 @@
 // - `mix_kernel`: the data-dependent token shift of the time mix (the five
 //   mixes and their LoRA) and the decay LoRA, `log_w = -exp(w) * mask`.
 //   The two LoRAs are each a reduction over C followed by an expansion
-//   back to C, so one cluster of kClusterBlocks blocks runs them: block b
-//   owns channels [b S, (b + 1) S), S = C / kClusterBlocks, adds its
+//   back to C, so one cluster of kBlocks blocks runs them: block b
+//   owns channels [b S, (b + 1) S), S = C / kBlocks, adds its
 //   share of each reduction into shared memory and reads the others'
 //   through distributed shared memory.
 // - `wkv_gate_kernel`: the WKV step, the per-head group norm and the SiLU
@@ -45,10 +45,7 @@ namespace cg = cooperative_groups;
 using bf16 = __nv_bfloat16;
 
 constexpr int kThreads = 512;
-constexpr int kClusterBlocks = 8;
 constexpr int kMaxWidth = 6144;                     // C
-constexpr int kMaxSlice = kMaxWidth / kClusterBlocks;
-constexpr int kPerThread = (kMaxSlice + kThreads - 1) / kThreads;
 constexpr int kMaxMixRank = 64;                     // D (5 D columns)
 constexpr int kMaxDecayRank = 128;                  // E
 constexpr int kHead = 64;                           // N
@@ -229,27 +226,32 @@ __device__ void block_matvec(float* out, const bf16* __restrict__ w, int ld,
 }
 
 // tanh of the cluster's partial sums `part[0:n]`, into `out`.
+template <int kBlocks>
 __device__ void cluster_tanh_sum(cg::cluster_group& cluster, float* part,
                                  float* out, int n) {
   cluster.sync();
   for (int i = threadIdx.x; i < n; i += kThreads) {
-    float v[kClusterBlocks];
+    float v[kBlocks];
 #pragma unroll
-    for (int b = 0; b < kClusterBlocks; ++b) {
+    for (int b = 0; b < kBlocks; ++b) {
       v[b] = cluster.map_shared_rank(part, b)[i];
     }
     float total = 0.f;
 #pragma unroll
-    for (int b = 0; b < kClusterBlocks; ++b) total += v[b];
+    for (int b = 0; b < kBlocks; ++b) total += v[b];
     out[i] = tanhf(total);
   }
   __syncthreads();
 }
 
-template <typename P>
-__global__ void __cluster_dims__(kClusterBlocks, 1, 1)
-    __launch_bounds__(kThreads)
-        mix_kernel(const __grid_constant__ MixParams<P> p) {
+// kBlocks is 16 where C allows and the card fits a cluster of 16 (a
+// non-portable size): each SM then streams half the weight bytes of 8,
+// and the kernel takes 13.7 µs instead of 15.4 on an H200 (1.6B).
+template <typename P, int kBlocks>
+__global__ void __cluster_dims__(kBlocks, 1, 1) __launch_bounds__(kThreads)
+    mix_kernel(const __grid_constant__ MixParams<P> p) {
+  constexpr int kMaxSlice = kMaxWidth / kBlocks;
+  constexpr int kPerThread = (kMaxSlice + kThreads - 1) / kThreads;
   __shared__ float xs[kMaxSlice], sxs[kMaxSlice], lora_in[kMaxSlice];
   __shared__ float mix[5 * kMaxSlice];
   __shared__ float red[kThreads * 8];
@@ -258,7 +260,7 @@ __global__ void __cluster_dims__(kClusterBlocks, 1, 1)
 
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
-  const int S = p.C / kClusterBlocks, c0 = rank * S;
+  const int S = p.C / kBlocks, c0 = rank * S;
   const int D5 = 5 * p.D;
 
   // Every per-channel input of this thread's channels, loaded at once.
@@ -315,7 +317,7 @@ __global__ void __cluster_dims__(kClusterBlocks, 1, 1)
   // 1. tanh(xxx @ w1): this block's rows, every column; then the sum.
   block_matvec(part1, p.w1 + static_cast<size_t>(c0) * D5, D5, 0, D5,
                lora_in, S, 1, red);
-  cluster_tanh_sum(cluster, part1, h1, D5);
+  cluster_tanh_sum<kBlocks>(cluster, part1, h1, D5);
 
   // 2. The five mixes of this block's channels: h1[m] @ w2[m].
   block_matvec(mix, p.w2, p.C, c0, S, h1, p.D, 5, red);
@@ -339,7 +341,7 @@ __global__ void __cluster_dims__(kClusterBlocks, 1, 1)
   // 3. tanh(x_w @ dw1), then this block's channels of the decay.
   block_matvec(part2, p.dw1 + static_cast<size_t>(c0) * p.E, p.E, 0, p.E,
                lora_in, S, 1, red);
-  cluster_tanh_sum(cluster, part2, h2, p.E);
+  cluster_tanh_sum<kBlocks>(cluster, part2, h2, p.E);
   block_matvec(mix, p.dw2, p.C, c0, S, h2, p.E, 1, red);
 #pragma unroll
   for (int e = 0; e < kPerThread; ++e) {
@@ -430,9 +432,39 @@ cudaError_t launch_add_norm(const NormParams<P>& p, cudaStream_t s) {
   return cudaGetLastError();
 }
 
+// Whether this device fits a cluster of 16 mix blocks (it needs 16 SMs
+// of one GPC, and a kernel must ask for clusters over 8), asked once a
+// device.
+template <typename P>
+bool mix_fits_16() {
+  static int8_t known[64] = {};  // a device: 0 not asked, 1 yes, -1 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return false;
+  if (known[device] == 0) {
+    int clusters = 0;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(16);
+    config.blockDim = dim3(kThreads);
+    const bool fits =
+        cudaFuncSetAttribute(mix_kernel<P, 16>,
+                             cudaFuncAttributeNonPortableClusterSizeAllowed,
+                             1) == cudaSuccess &&
+        cudaOccupancyMaxActiveClusters(&clusters, mix_kernel<P, 16>,
+                                       &config) == cudaSuccess &&
+        clusters > 0;
+    cudaGetLastError();  // a refusal above is an answer, not an error
+    known[device] = fits ? 1 : -1;
+  }
+  return known[device] > 0;
+}
+
 template <typename P>
 cudaError_t launch_mix(const MixParams<P>& p, cudaStream_t s) {
-  mix_kernel<P><<<kClusterBlocks, kThreads, 0, s>>>(p);
+  if (p.C % (8 * 16) == 0 && mix_fits_16<P>()) {
+    mix_kernel<P, 16><<<16, kThreads, 0, s>>>(p);
+  } else {
+    mix_kernel<P, 8><<<8, kThreads, 0, s>>>(p);
+  }
   return cudaGetLastError();
 }
 
@@ -445,7 +477,7 @@ cudaError_t launch_wkv_gate(const WkvParams<P>& p, cudaStream_t s) {
 // Shapes the kernels take; the bindings check these before a launch and
 // the model falls back to XLA where they do not hold.
 inline bool mix_shapes_ok(int C, int D, int E) {
-  return C % (8 * kClusterBlocks) == 0 && C <= kMaxWidth && D % 8 == 0 &&
+  return C % (8 * 8) == 0 && C <= kMaxWidth && D % 8 == 0 &&
          D <= kMaxMixRank && E % 8 == 0 && E <= kMaxDecayRank;
 }
 
