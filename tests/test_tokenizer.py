@@ -135,6 +135,8 @@ def test_bad_ids_in_arrays_are_named(tokenizer):
         tokenizer.detokenize(np.array([5, 2**63 + 5], "uint64"))
     with pytest.raises(ValueError, match="Token id 65536 is out"):
         tokenizer.ids_to_bytes(np.array([65536]))
+    with pytest.raises(ValueError, match="flat sequence"):
+        tokenizer.ids_to_bytes(np.ones((2, 3), "int32"))
     assert tokenizer.ids_to_bytes(np.array([], "int32")) == b""
     assert tokenizer.ids_to_bytes(np.array([0, 65535])) == b""
 

@@ -152,6 +152,11 @@ class WorldEncoder:
 def _id_array(ids):
     """`ids` (a flat list, tuple or integer array) as an int64 array,
     every id checked."""
+    if isinstance(ids, np.ndarray) and ids.ndim > 1:
+        raise ValueError(
+            f"Expected a flat sequence of ids; got an array of shape "
+            f"{ids.shape} (decode its rows one by one)."
+        )
     if isinstance(ids, np.ndarray) and ids.dtype.kind in "iub":
         array = ids.reshape(-1)
     else:
