@@ -8,9 +8,11 @@ process (Keras picks its backend once a process):
 
     python3 benchmarks/decode_cpu.py
 
-prints a table (tokens/s, ms a token, torch/JAX) and, for torch, a
-cProfile split of one generate call: time in torch's own kernels, in
-Keras layers' `__call__` machinery, in `keras.ops` dispatch, and the rest.
+prints a table (tokens/s, ms a token, torch/JAX; torch eager and with
+`jit_compile=True`, its compiled decoding step, whose first call's compile
+is reported) and, for eager torch, a cProfile split of one generate call:
+time in torch's own kernels, in Keras layers' `__call__` machinery, in
+`keras.ops` dispatch, and the rest.
 """
 
 import argparse
@@ -31,7 +33,7 @@ TINY_24 = dict(
 PROMPT = 16
 
 
-def measure(new, repeats):
+def measure(new, repeats, jit=False):
     import cProfile
     import pstats
     import time
@@ -44,7 +46,7 @@ def measure(new, repeats):
 
     keras.utils.set_random_seed(0)
     lm = RWKV6CausalLM(RWKV6Backbone(**TINY_24))
-    lm.compile(sampler="greedy")
+    lm.compile(sampler="greedy", **({"jit_compile": True} if jit else {}))
     ids = np.arange(10, 10 + PROMPT)[None].astype("int32")
     inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
 
@@ -59,17 +61,20 @@ def measure(new, repeats):
             times.append(time.perf_counter() - start)
         return sorted(times)[len(times) // 2]
 
+    start = time.perf_counter()
     gen(new)  # compiled / warm
+    first_s = time.perf_counter() - start
     lm.prefill(inputs)
     whole = timed(lambda: gen(new))
     read = timed(lambda: lm.prefill(inputs))
     step_s = (whole - read) / new
     result = {
-        "backend": keras.config.backend(),
+        "backend": keras.config.backend() + (" jit_compile" if jit else ""),
+        "first_s": first_s,
         "tok_s": 1 / step_s,
         "ms_token": 1e3 * step_s,
     }
-    if keras.config.backend() == "torch":
+    if keras.config.backend() == "torch" and not jit:
         profiler = cProfile.Profile()
         profiler.enable()
         gen(new)
@@ -98,18 +103,19 @@ def split(stats):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", choices=("jax", "torch"))
+    parser.add_argument("--jit", action="store_true")
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     if args.backend:
-        print(json.dumps(measure(args.new, args.repeats)))
+        print(json.dumps(measure(args.new, args.repeats, args.jit)))
         return
     rows = []
-    for backend in ("jax", "torch"):
+    for backend, jit in (("jax", []), ("torch", []), ("torch", ["--jit"])):
         env = {**os.environ, "KERAS_BACKEND": backend}
         proc = subprocess.run(
-            [sys.executable, __file__, "--backend", backend]
+            [sys.executable, __file__, "--backend", backend, *jit]
             + ["--new", str(args.new), "--repeats", str(args.repeats)],
             env=env,
             capture_output=True,
@@ -120,12 +126,12 @@ def main():
     with open(os.path.join(args.out, "decode_cpu.json"), "w") as f:
         json.dump(rows, f, indent=1)
     jax_ms = rows[0]["ms_token"]
-    print("| backend | tok/s | ms a token | vs JAX |")
-    print("|---|---|---|---|")
+    print("| backend | tok/s | ms a token | vs JAX | first generate |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['backend']} | {r['tok_s']:,.1f} | {r['ms_token']:.2f} | "
-            f"{r['ms_token'] / jax_ms:.1f}x the time |"
+            f"{r['ms_token'] / jax_ms:.1f}x the time | {r['first_s']:.1f} s |"
         )
     for r in rows:
         if "split" in r:

@@ -1,6 +1,7 @@
 """torch decodes as JAX does: greedy generation (with penalties, a batch
 of unequal prompts, a state carried over) on a tiny random World model
-gives the same tokens on both backends. The torch side runs in a child
+gives the same tokens on both backends, torch eager and with its
+compiled decoding step. The torch side runs in a child
 process (Keras picks its backend once a process); the test runs in the
 JAX pass."""
 
@@ -24,9 +25,10 @@ PROMPTS = ["The capital of France is", "Hi"]
 NEW = 12
 
 
-def decode(preset, prompts, new):
+def decode(preset, prompts, new, jit_compile=False):
     """Greedy with penalties on a batch, then a continuation from the
-    returned state: the texts and the final state's first values."""
+    returned state: the texts of both. `jit_compile` is the task's
+    (on torch: the compiled decoding step)."""
     import keras_hub
 
     from keras_rwkv.samplers import PenaltySampler
@@ -35,7 +37,9 @@ def decode(preset, prompts, new):
     lm.compile(
         sampler=PenaltySampler(
             "greedy", presence_penalty=0.4, frequency_penalty=0.3
-        )
+        ),
+        # Only when asked: the JAX side keeps the task's default.
+        **({"jit_compile": True} if jit_compile else {}),
     )
     first, state = lm.generate(
         prompts, max_new_tokens=new, return_state=True, stop_token_ids=None
@@ -54,14 +58,15 @@ CHILD = textwrap.dedent(
     import json, sys
     sys.path.insert(0, sys.argv[1])
     from tests.test_torch_parity import decode
-    preset, prompts, new, out = sys.argv[2:]
+    preset, prompts, new, jit, out = sys.argv[2:]
     with open(out, "w") as f:
-        json.dump(decode(preset, json.loads(prompts), int(new)), f)
+        json.dump(decode(preset, json.loads(prompts), int(new), jit == "1"), f)
     """
 )
 
 
-def test_torch_greedy_equals_jax_greedy(tmp_path):
+@pytest.mark.parametrize("torch_jit", [False, True], ids=["eager", "compiled"])
+def test_torch_greedy_equals_jax_greedy(tmp_path, torch_jit):
     preset = tmp_path / "preset"
     save_tiny_world_preset(preset)
     expected = decode(str(preset), PROMPTS, NEW)
@@ -77,6 +82,7 @@ def test_torch_greedy_equals_jax_greedy(tmp_path):
             str(preset),
             json.dumps(PROMPTS),
             str(NEW),
+            "1" if torch_jit else "0",
             str(out),
         ],
         env=env,

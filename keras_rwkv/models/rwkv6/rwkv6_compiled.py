@@ -42,7 +42,7 @@ def compile_for_backend(lm, fn, frozen_weights=False):
     taken = {}
 
     def model_variables():
-        mark = _variables_mark(lm)
+        mark = variables_mark(lm)
         if taken.get("mark") != mark:
             taken.pop("values", None)  # frozen values of other variables
             taken.update(
@@ -91,7 +91,7 @@ def compile_for_backend(lm, fn, frozen_weights=False):
     return run
 
 
-def _variables_mark(lm):
+def variables_mark(lm):
     """What changes when variables are added or replaced, cheap to read:
     LoRA (KerasHub's `enable_lora` list), state tuning, quantization (of
     the first projection and the embedding), trainable flags of the

@@ -27,6 +27,7 @@ from keras import ops
 from keras_hub.samplers import Sampler
 
 from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
+from keras_rwkv.models.rwkv6.rwkv6_torch_step import step_function
 from keras_rwkv.samplers.penalty_sampler import PenaltySampler
 
 
@@ -87,7 +88,9 @@ def decode_steps(
     """Decodes columns `index ..` until `segment_end` or every row ended.
 
     Args:
-        lm: the `RWKV6CausalLM` (its sampler and `call_with_state`).
+        lm: the `RWKV6CausalLM` (its sampler and `call_with_state`, or
+            on torch with `jit_compile=True` the compiled step of
+            `rwkv6_torch_step.py`).
         tokens: `[B, W]` int32 token buffer.
         state: the `RWKV6State` after the tokens before column `index - 1`.
         index: int32 scalar, the column to write next.
@@ -101,6 +104,7 @@ def decode_steps(
         `(tokens, state, index, finished)` where the loop stopped.
     """
     penalties, picker = _picker(lm.sampler)
+    step = step_function(lm)
     width = tokens.shape[1]
     prompt_mask = ops.arange(width, dtype="int32")[None, :] < prompt_len
     row_end = ops.cast(row_end, "int32")
@@ -115,7 +119,7 @@ def decode_steps(
         # `RWKV6Backbone.call_with_state`).
         rows = ops.shape(tokens)[0]
         fed = ops.slice(tokens, [0, index - 1], [rows, 1])
-        logits, _, state = lm.call_with_state(
+        logits, _, state = step(
             ops.maximum(fed, 0), ops.cast(fed >= 0, "int32"), state
         )
         logits = logits[:, 0]

@@ -1,0 +1,112 @@
+"""The one-token decoding step on torch, as one compiled program.
+
+Eager torch runs a step of a Keras model as thousands of small ops, each
+behind Keras's Python dispatch, so a batch-1 step is host-bound
+(benchmarks/RESULTS.md, "torch decode"). With `lm.compile(jit_compile=True)`
+on torch (Keras's own switch for `torch.compile`, off by default there),
+`generate` runs each step through a program built once per batch size:
+`torch.export` traces `call_with_state` for one token (no Keras code is
+left in it, so no guards over Keras layers run per step), then
+`torch.compile` compiles the traced graph. The weights stay references to
+the model's own tensors, so values assigned later (training) are used;
+quantizing, LoRA and state tuning (on the task or the backbone) make a
+new program.
+
+Where tracing or compiling fails, the step runs eagerly with one warning.
+"""
+
+import warnings
+
+import keras
+
+from keras_rwkv.models.rwkv6.rwkv6_compiled import variables_mark
+
+
+def step_function(lm):
+    """`lm.call_with_state`, or (torch with `jit_compile=True`) the same
+    step through its compiled program, for one-token steps whose state is
+    the per-layer list the decoding loop carries."""
+    if (
+        keras.config.backend() != "torch"
+        or getattr(lm, "jit_compile", False) is not True
+    ):
+        return lm.call_with_state
+
+    def step(token_ids, padding_mask, state):
+        if not isinstance(state, list) or token_ids.shape[1] != 1:
+            return lm.call_with_state(token_ids, padding_mask, state)
+        # The variables' mark: a quantize or LoRA on the backbone alone
+        # (the task's own drop every program) needs a new trace.
+        key = (
+            "torch_step",
+            tuple(token_ids.shape),
+            _signature(state),
+            variables_mark(lm),
+        )
+        program = lm._compiled_functions.get(key)
+        if program is None:
+            program = _build(lm, token_ids, padding_mask, state)
+            lm._compiled_functions[key] = program
+        if program is _EAGER:
+            return lm.call_with_state(token_ids, padding_mask, state)
+        try:
+            logits, layers = program(token_ids, padding_mask, state)
+        except Exception as error:  # compiling happens at the first call
+            _give_up(lm, key, error)
+            return lm.call_with_state(token_ids, padding_mask, state)
+        return logits, None, layers
+
+    return step
+
+
+_EAGER = object()
+
+
+def _signature(layers):
+    return tuple(
+        (tuple(t.shape), str(t.dtype), str(t.device))
+        for layer in layers
+        for t in layer
+    )
+
+
+def _build(lm, token_ids, padding_mask, layers):
+    import torch
+
+    class Step(torch.nn.Module):
+        def forward(self, token_ids, padding_mask, layers):
+            logits, _, new_layers = lm.call_with_state(
+                token_ids, padding_mask, layers
+            )
+            return logits, new_layers
+
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(
+                Step(), (token_ids, padding_mask, layers), strict=False
+            )
+        module = exported.module()
+        compiled = torch.compile(module, dynamic=False)
+    except Exception as error:
+        _warn(error)
+        return _EAGER
+
+    def run(token_ids, padding_mask, layers):
+        with torch.no_grad():
+            return compiled(token_ids, padding_mask, layers)
+
+    return run
+
+
+def _give_up(lm, key, error):
+    lm._compiled_functions[key] = _EAGER
+    _warn(error)
+
+
+def _warn(error):
+    warnings.warn(
+        "keras_rwkv: could not compile the torch decoding step "
+        f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+        "decoding eagerly. Compile without jit_compile=True to silence this.",
+        stacklevel=4,
+    )

@@ -1,0 +1,126 @@
+"""The compiled torch decoding step (`rwkv6_torch_step.py`): the same
+logits and state as the eager step, one program per batch size, weights
+assigned later seen, and a step that cannot be traced decoding eagerly
+with one warning. Runs in the torch pass."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_rwkv import RWKV6Backbone
+from keras_rwkv import RWKV6CausalLM
+from keras_rwkv.models.rwkv6.rwkv6_torch_step import step_function
+
+pytestmark = pytest.mark.skipif(
+    keras.config.backend() != "torch", reason="the torch step"
+)
+
+TINY = dict(
+    vocabulary_size=300,
+    num_layers=2,
+    hidden_dim=128,
+    intermediate_dim=256,
+    head_size=64,
+    mix_lora_dim=32,
+    decay_lora_dim=64,
+)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    keras.utils.set_random_seed(0)
+    return RWKV6CausalLM(RWKV6Backbone(**TINY))
+
+
+def state_after(lm, ids):
+    import torch
+
+    with torch.no_grad():
+        ids = torch.as_tensor(ids, dtype=torch.int32)
+        _, _, state = lm.call_with_state(ids, torch.ones_like(ids), None)
+    return state.layers()
+
+
+def close(a, b):
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(a),
+        keras.ops.convert_to_numpy(b),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_compiled_step_matches_eager_and_sees_assigned_weights(lm):
+    import torch
+
+    lm.compile(sampler="greedy", jit_compile=True)
+    step = step_function(lm)
+    rng = np.random.default_rng(0)
+    for batch in (1, 3, 1):
+        layers = state_after(lm, rng.integers(1, 300, (batch, 5)))
+        ids = torch.as_tensor(
+            rng.integers(1, 300, (batch, 1)), dtype=torch.int32
+        )
+        mask = torch.tensor([[1]] * (batch - 1) + [[0]], dtype=torch.int32)
+        with torch.no_grad():
+            want, _, want_state = lm.call_with_state(ids, mask, layers)
+        got, _, got_state = step(ids, mask, layers)
+        close(got, want)
+        for got_layer, want_layer in zip(got_state, want_state):
+            for g, w in zip(got_layer, want_layer):
+                close(g, w)
+    programs = [k for k in lm._compiled_functions if k[0] == "torch_step"]
+    assert len(programs) == 2  # batch 1 and 3; the second batch 1 reused
+
+    # A weight assigned after the program was built is used by it.
+    kernel = lm.backbone.transformer_layers[0].time_mix.output_dense.kernel
+    before = step(ids, mask, layers)[0]
+    kernel.assign(kernel.value * 2.0)
+    with torch.no_grad():
+        want = lm.call_with_state(ids, mask, layers)[0]
+    got = step(ids, mask, layers)[0]
+    close(got, want)
+    assert not np.allclose(
+        keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(before)
+    )
+
+
+def test_untraceable_step_decodes_eagerly_with_a_warning(lm, monkeypatch):
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    lm.compile(sampler="greedy", jit_compile=True)
+    ids = np.array([[5, 6, 7]], "int32")
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        got = lm.generate(inputs, max_new_tokens=4, stop_token_ids=None)
+    lm.compile(sampler="greedy")
+    want = lm.generate(inputs, max_new_tokens=4, stop_token_ids=None)
+    np.testing.assert_array_equal(got["token_ids"], want["token_ids"])
+
+
+def test_eager_unless_asked(lm):
+    lm.compile(sampler="greedy")
+    assert step_function(lm) == lm.call_with_state
+
+
+def test_a_backbone_quantized_later_gets_a_new_program():
+    import torch
+
+    keras.utils.set_random_seed(1)
+    lm = RWKV6CausalLM(RWKV6Backbone(**TINY))
+    lm.compile(sampler="greedy", jit_compile=True)
+    step = step_function(lm)
+    layers = state_after(lm, [[3, 4, 5]])
+    ids = torch.tensor([[7]], dtype=torch.int32)
+    mask = torch.ones_like(ids)
+    step(ids, mask, layers)
+    lm.backbone.quantize("int8")  # not through the task: its programs stay
+    with torch.no_grad():
+        want = lm.call_with_state(ids, mask, layers)[0]
+    close(step(ids, mask, layers)[0], want)
+    programs = [k for k in lm._compiled_functions if k[0] == "torch_step"]
+    assert len(programs) == 2
