@@ -130,7 +130,8 @@ class WorldEncoder:
         array = _id_array(ids)
         lengths = self._lengths[array]
         if not lengths.all():  # drop ids that give nothing
-            array, lengths = array[lengths > 0], lengths[lengths > 0]
+            given = lengths > 0
+            array, lengths = array[given], lengths[given]
         if array.size == 0:
             return b""
         ends = np.cumsum(lengths, dtype=np.intp)

@@ -95,18 +95,21 @@ def _project_xla(layer, x):
     return layer(x)
 
 
+def kernel_step(x, max_rows=KERNEL_MAX_ROWS):
+    """Whether `x` `[B, T, C]` is a step our CUDA step kernels take: T = 1,
+    B <= `max_rows`, bfloat16, the model not distributed (its weights
+    would be sharded: XLA partitions its own matmul, not our kernels)."""
+    batch, seq_len = x.shape[0], x.shape[1]
+    if seq_len != 1 or batch is None or batch > max_rows:
+        return False
+    if keras.backend.standardize_dtype(x.dtype) != "bfloat16":
+        return False
+    return keras.distribution.distribution() is None
+
+
 def _kernel_for(x):
     """The step kernel for a step input `x`, or None."""
-    batch, seq_len = x.shape[0], x.shape[1]
-    if seq_len != 1 or batch is None or batch > KERNEL_MAX_ROWS:
-        return None
-    if keras.backend.standardize_dtype(x.dtype) != "bfloat16":
-        return None
-    # A distributed model's weights are sharded: XLA partitions its own
-    # matmul, not our kernel.
-    if keras.distribution.distribution() is not None:
-        return None
-    return step_matvec()
+    return step_matvec() if kernel_step(x) else None
 
 
 def _kernel_operands(layer, x):

@@ -13,6 +13,7 @@ state) stays as it is.
 
 import keras
 
+from keras_rwkv.models.rwkv6.rwkv6_projection import kernel_step
 from keras_rwkv.ops.matvec import step_fused
 
 # Mask dtypes the kernels read as they are (others are cast first).
@@ -22,13 +23,7 @@ _MASK_DTYPES = ("int32", "bool", "float32", "bfloat16")
 def fused_step_for(x):
     """The fused step ops for a layer input `x` `[B, T, C]`, or None: only
     for a bfloat16 step (T = 1) of batch 1, not distributed."""
-    if x.shape[0] != 1 or x.shape[1] != 1:
-        return None
-    if keras.backend.standardize_dtype(x.dtype) != "bfloat16":
-        return None
-    if keras.distribution.distribution() is not None:
-        return None
-    return step_fused()
+    return step_fused() if kernel_step(x, max_rows=1) else None
 
 
 def shapes_ok(hidden_dim, mix_rank, decay_rank, head_size):

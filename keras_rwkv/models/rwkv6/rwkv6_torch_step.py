@@ -32,27 +32,32 @@ def step_function(lm):
     ):
         return lm.call_with_state
 
+    # The program is looked up again only when the batch's shape or the
+    # variables' mark changes (a quantize or LoRA on the backbone alone:
+    # the task's own drop every program), not over the state each step.
+    found = {"seen": None, "key": None, "program": None}
+
     def step(token_ids, padding_mask, state):
         if not isinstance(state, list) or token_ids.shape[1] != 1:
             return lm.call_with_state(token_ids, padding_mask, state)
-        # The variables' mark: a quantize or LoRA on the backbone alone
-        # (the task's own drop every program) needs a new trace.
-        key = (
-            "torch_step",
-            tuple(token_ids.shape),
-            _signature(state),
-            variables_mark(lm),
-        )
-        program = lm._compiled_functions.get(key)
-        if program is None:
-            program = _build(lm, token_ids, padding_mask, state)
-            lm._compiled_functions[key] = program
+        seen = (tuple(token_ids.shape), variables_mark(lm))
+        if found["seen"] != seen:
+            key = ("torch_step", *seen, _signature(state))
+            if key not in lm._compiled_functions:
+                lm._compiled_functions[key] = _build(
+                    lm, token_ids, padding_mask, state
+                )
+            found.update(
+                seen=seen, key=key, program=lm._compiled_functions[key]
+            )
+        program = found["program"]
         if program is _EAGER:
             return lm.call_with_state(token_ids, padding_mask, state)
         try:
             logits, layers = program(token_ids, padding_mask, state)
         except Exception as error:  # compiling happens at the first call
-            _give_up(lm, key, error)
+            lm._compiled_functions[found["key"]] = found["program"] = _EAGER
+            _warn(error)
             return lm.call_with_state(token_ids, padding_mask, state)
         return logits, None, layers
 
@@ -96,11 +101,6 @@ def _build(lm, token_ids, padding_mask, layers):
             return compiled(token_ids, padding_mask, layers)
 
     return run
-
-
-def _give_up(lm, key, error):
-    lm._compiled_functions[key] = _EAGER
-    _warn(error)
 
 
 def _warn(error):
