@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_rwkv.models.rwkv6 import rwkv6_token_shift
+from keras_rwkv.models.rwkv6.rwkv6_token_shift import runs_contiguous
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import shift_indices
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import token_shift
 
@@ -68,6 +70,50 @@ def test_token_shift_matches_a_loop_over_tokens(pattern):
     want_prev, want_state, _, _ = reference(x, state, mask)
     np.testing.assert_allclose(ops.convert_to_numpy(previous), want_prev)
     np.testing.assert_allclose(ops.convert_to_numpy(new_state), want_state)
+
+
+@pytest.mark.parametrize("pattern", sorted(MASKS))
+def test_runs_contiguous_and_both_branches_agree(pattern):
+    """The test says whether every row is one run of real tokens; the
+    plain branch (taken when it is) and the general gather agree there."""
+    mask = np.array(MASKS[pattern], "int32")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, mask.shape[1], 5)).astype("float32")
+    state = rng.standard_normal((3, 5)).astype("float32")
+    prev_index, last_index = shift_indices(mask)
+    flag = runs_contiguous(prev_index, last_index, mask.shape[1])
+    assert bool(ops.convert_to_numpy(flag)) == (pattern != "interior")
+    want, _, _, _ = reference(x, state, mask)
+    branches = [False] + ([True] if pattern != "interior" else [])
+    for contiguous in branches:
+        previous, _ = token_shift(x, state, prev_index, last_index, contiguous)
+        np.testing.assert_allclose(ops.convert_to_numpy(previous), want)
+
+
+def test_a_forward_pass_tests_contiguity_once(monkeypatch):
+    """The backbone asks once a pass, not once a layer (on torch each
+    answer is a device sync), and a decoding step never asks."""
+    from keras_rwkv import RWKV6Backbone
+    from keras_rwkv.models.rwkv6 import rwkv6_backbone
+    from keras_rwkv.models.rwkv6 import rwkv6_block
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args[-1])
+        return runs_contiguous(*args)
+
+    for module in (rwkv6_backbone, rwkv6_block, rwkv6_token_shift):
+        monkeypatch.setattr(module, "runs_contiguous", counted, raising=False)
+    backbone = RWKV6Backbone(
+        vocabulary_size=50, num_layers=3, hidden_dim=64, intermediate_dim=128
+    )
+    mask = np.array(MASKS["right"], "int32")
+    ids = np.ones_like(mask)
+    _, state = backbone.call_with_state(ids, mask)
+    assert calls == [7]
+    backbone.call_with_state(ids[:, :1], mask[:, :1], state)
+    assert calls == [7]
 
 
 @pytest.mark.parametrize("pattern", ["none", "right", "interior"])

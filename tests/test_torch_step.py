@@ -3,6 +3,8 @@ logits and state as the eager step, one program per batch size, weights
 assigned later seen, and a step that cannot be traced decoding eagerly
 with one warning. Runs in the torch pass."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -100,6 +102,38 @@ def test_untraceable_step_decodes_eagerly_with_a_warning(lm, monkeypatch):
     lm.compile(sampler="greedy")
     want = lm.generate(inputs, max_new_tokens=4, stop_token_ids=None)
     np.testing.assert_array_equal(got["token_ids"], want["token_ids"])
+
+
+def test_graph_mode_decodes_like_eager(lm, monkeypatch):
+    """The CUDA-graph mode's copies out of each step keep the state's
+    structure and values (on the CPU torch runs the same program without
+    graphs, so this checks our side of it)."""
+    monkeypatch.setenv("KERAS_RWKV_TORCH_STEP_MODE", "reduce-overhead")
+    ids = np.array([[5, 6, 7], [0, 8, 9]], "int32")
+    inputs = {"token_ids": ids, "padding_mask": (ids > 0).astype("int32")}
+    outputs = {}
+    for jit in (True, False):
+        lm.compile(sampler="greedy", jit_compile=jit)
+        with warnings.catch_warnings():
+            # No eager fallback.
+            warnings.filterwarnings("error", "keras_rwkv: could not compile")
+            outputs[jit] = lm.generate(
+                inputs, max_new_tokens=5, stop_token_ids=None, return_state=True
+            )
+    (got, got_state), (want, want_state) = outputs[True], outputs[False]
+    np.testing.assert_array_equal(got["token_ids"], want["token_ids"])
+    close(got_state.wkv, want_state.wkv)
+    close(got_state.shift, want_state.shift)
+
+
+def test_a_bad_mode_is_named(lm, monkeypatch):
+    monkeypatch.setenv("KERAS_RWKV_TORCH_STEP_MODE", "fast")
+    lm.compile(sampler="greedy", jit_compile=True)
+    ids = np.array([[5, 6, 7]], "int32")
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    with pytest.raises(ValueError, match="KERAS_RWKV_TORCH_STEP_MODE='fast'"):
+        lm.generate(inputs, max_new_tokens=2, stop_token_ids=None)
+    lm.compile(sampler="greedy")
 
 
 def test_eager_unless_asked(lm):

@@ -8,6 +8,7 @@ from keras_rwkv.models.rwkv6.rwkv6_block import RWKV6Block
 from keras_rwkv.models.rwkv6.rwkv6_layout_map import layout_map
 from keras_rwkv.models.rwkv6.rwkv6_quantize import quantize_with_filter
 from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
+from keras_rwkv.models.rwkv6.rwkv6_token_shift import runs_contiguous
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import shift_indices
 from keras_rwkv.models.rwkv6.rwkv6_weight_checks import load_checked
 
@@ -371,11 +372,20 @@ class RWKV6Backbone(Backbone):
         x = self.token_embedding(token_ids)
         x = self.embeddings_layer_norm(x)
         prev_index, last_index = shift_indices(padding_mask)
+        contiguous = None
+        # A step's shift needs no test; a symbolic pass none either.
+        if x.shape[1] != 1 and not isinstance(x, keras.KerasTensor):
+            contiguous = runs_contiguous(prev_index, last_index, x.shape[1])
         states_in = layer_states or [None] * len(self.transformer_layers)
         layer_states = []
         for block, layer_state in zip(self.transformer_layers, states_in):
             x, layer_state = block(
-                x, padding_mask, prev_index, last_index, state=layer_state
+                x,
+                padding_mask,
+                prev_index,
+                last_index,
+                state=layer_state,
+                contiguous=contiguous,
             )
             layer_states.append(layer_state)
         return self.layer_norm(x), layer_states

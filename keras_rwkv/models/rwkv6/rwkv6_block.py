@@ -3,6 +3,7 @@ import keras
 from keras_rwkv.models.rwkv6 import rwkv6_step_fusion
 from keras_rwkv.models.rwkv6.rwkv6_channel_mix import RWKV6ChannelMix
 from keras_rwkv.models.rwkv6.rwkv6_time_mix import RWKV6TimeMix
+from keras_rwkv.models.rwkv6.rwkv6_token_shift import runs_contiguous
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import token_shift
 
 # Trainable initial states a block can carry (state tuning).
@@ -168,7 +169,15 @@ class RWKV6Block(keras.layers.Layer):
             wkv = keras.ops.zeros((1, c // n, n, n), "float32")
         return shift_tm, shift_cm, wkv
 
-    def call(self, x, padding_mask, prev_index, last_index, state=None):
+    def call(
+        self,
+        x,
+        padding_mask,
+        prev_index,
+        last_index,
+        state=None,
+        contiguous=None,
+    ):
         """Runs the layer.
 
         Args:
@@ -177,6 +186,8 @@ class RWKV6Block(keras.layers.Layer):
             prev_index, last_index: token-shift indices from
                 `shift_indices(padding_mask)`.
             state: `(time_mix_shift, channel_mix_shift, wkv)` or `None`.
+            contiguous: `runs_contiguous(prev_index, last_index, T)`, shared
+                by the layers of a pass; computed here if `None`.
 
         Returns:
             `(x [B, T, C], new_state)`.
@@ -192,11 +203,17 @@ class RWKV6Block(keras.layers.Layer):
         # ln2) as fused kernels (`rwkv6_step_fusion`); the math is the same.
         fused = rwkv6_step_fusion.fused_step_for(x)
         xx = rwkv6_step_fusion.norm(fused, self.ln1, x)
-        previous, shift_tm = token_shift(xx, shift_tm, prev_index, last_index)
+        if contiguous is None and x.shape[1] != 1:
+            contiguous = runs_contiguous(prev_index, last_index, x.shape[1])
+        previous, shift_tm = token_shift(
+            xx, shift_tm, prev_index, last_index, contiguous
+        )
         out, wkv = self.time_mix(xx, previous, padding_mask, wkv)
 
         xx, x = rwkv6_step_fusion.norm(fused, self.ln2, x, delta=out)
-        previous, shift_cm = token_shift(xx, shift_cm, prev_index, last_index)
+        previous, shift_cm = token_shift(
+            xx, shift_cm, prev_index, last_index, contiguous
+        )
         x = x + self.channel_mix(xx, previous)
         return x, (shift_tm, shift_cm, wkv)
 

@@ -17,6 +17,7 @@ whose gradient is a scatter-add over the whole `[B, T, C]` activation:
 serialized atomics on a GPU, ~0.5 ms a call for 7B at T = 4096.
 """
 
+import keras
 from keras import ops
 
 
@@ -40,22 +41,51 @@ def shift_indices(padding_mask):
     return prev_index, last_real[:, -1]
 
 
-def token_shift(x, shift_state, prev_index, last_index):
+def _static(prev_index, last_index, length):
+    """The indices with their static shape, which TensorFlow's associative
+    scan (in `shift_indices`) loses and the gathers need."""
+    if length is None:
+        return prev_index, last_index
+    return (
+        ops.reshape(prev_index, (-1, length)),
+        ops.reshape(last_index, (-1,)),
+    )
+
+
+def runs_contiguous(prev_index, last_index, length):
+    """Whether every row's real tokens are one contiguous run, given
+    `shift_indices`' output for `length` tokens: a bool scalar tensor, or
+    on torch a Python bool, so that a forward pass syncs with the device
+    once for it rather than once a layer (and a compiled graph breaks
+    once)."""
+    prev_index, last_index = _static(prev_index, last_index, length)
+    prev_index = ops.cast(prev_index, "int32")
+    positions = ops.arange(ops.shape(prev_index)[1], dtype="int32")[None, :]
+    last = ops.cast(last_index, "int32")[:, None]
+    flag = ops.all(
+        ops.equal(prev_index, positions)
+        | ops.equal(prev_index, 0)
+        | ops.equal(prev_index, last)
+    )
+    if keras.config.backend() == "torch":
+        return bool(flag)
+    return flag
+
+
+def token_shift(x, shift_state, prev_index, last_index, contiguous=None):
     """The previous-token input of every position, and the new shift state.
 
     Args:
         x: `[B, T, C]` layer-normed activations.
         shift_state: `[B, C]` carried activation of the token before `x`.
         prev_index, last_index: from `shift_indices`.
+        contiguous: `runs_contiguous(prev_index, last_index, T)`,
+            computed here if `None`.
 
     Returns:
         `(previous [B, T, C], new_shift_state [B, C])`.
     """
-    if x.shape[1] is not None:
-        # TensorFlow's associative scan (in `shift_indices`) loses the
-        # static shape, which the gathers below need.
-        prev_index = ops.reshape(prev_index, (-1, x.shape[1]))
-        last_index = ops.reshape(last_index, (-1,))
+    prev_index, last_index = _static(prev_index, last_index, x.shape[1])
     state = ops.cast(shift_state, x.dtype)
     extended = ops.concatenate([state[:, None, :], x], axis=1)
     # One row a batch: its gradient is cheap, unlike the general gather's.
@@ -67,13 +97,14 @@ def token_shift(x, shift_state, prev_index, last_index):
         # state. Known from the static shape, so the step has no branch
         # (and, on torch, no device sync per layer for `cond`).
         return state[:, None, :], new_state
+    if contiguous is None:
+        contiguous = runs_contiguous(prev_index, last_index, x.shape[1])
     positions = ops.arange(ops.shape(x)[1], dtype="int32")[None, :]
     prev_index = ops.cast(prev_index, "int32")
-    is_plain = ops.equal(prev_index, positions)  # token t - 1 (or state)
-    is_state = ops.equal(prev_index, 0)
-    is_last = ops.equal(prev_index, ops.cast(last_index, "int32")[:, None])
 
-    def contiguous():
+    def plain():
+        is_plain = ops.equal(prev_index, positions)  # token t - 1 (or state)
+        is_state = ops.equal(prev_index, 0)
         previous = ops.where(
             is_plain[..., None], extended[:, :-1], new_state[:, None, :]
         )
@@ -82,6 +113,6 @@ def token_shift(x, shift_state, prev_index, last_index):
     def general():
         return ops.take_along_axis(extended, prev_index[:, :, None], axis=1)
 
-    every_run_contiguous = ops.all(is_plain | is_state | is_last)
-    previous = ops.cond(every_run_contiguous, contiguous, general)
-    return previous, new_state
+    if isinstance(contiguous, bool):
+        return (plain() if contiguous else general()), new_state
+    return ops.cond(contiguous, plain, general), new_state

@@ -12,9 +12,18 @@ the model's own tensors, so values assigned later (training) are used;
 quantizing, LoRA and state tuning (on the task or the backbone) make a
 new program.
 
+On a GPU the program replays as CUDA graphs (torch.compile's
+"reduce-overhead" mode): one launch a step instead of one a kernel
+(benchmarks/RESULTS.md, "torch decode on one H200"). A graph's outputs
+live in memory its next replay overwrites, and the next step reads them,
+so each step's logits and state are copied out of it.
+`KERAS_RWKV_TORCH_STEP_MODE` (`default`, `reduce-overhead`,
+`max-autotune-no-cudagraphs`) overrides the choice.
+
 Where tracing or compiling fails, the step runs eagerly with one warning.
 """
 
+import os
 import warnings
 
 import keras
@@ -85,22 +94,43 @@ def _build(lm, token_ids, padding_mask, layers):
             )
             return logits, new_layers
 
+    mode = _mode(token_ids.device)  # a bad setting is an error, not a warning
     try:
         with torch.no_grad():
             exported = torch.export.export(
                 Step(), (token_ids, padding_mask, layers), strict=False
             )
         module = exported.module()
-        compiled = torch.compile(module, dynamic=False)
+        compiled = torch.compile(module, dynamic=False, mode=mode)
     except Exception as error:
         _warn(error)
         return _EAGER
 
     def run(token_ids, padding_mask, layers):
         with torch.no_grad():
-            return compiled(token_ids, padding_mask, layers)
+            logits, layers = compiled(token_ids, padding_mask, layers)
+        if graphs:
+            logits = logits.clone()
+            layers = [tuple(t.clone() for t in layer) for layer in layers]
+        return logits, layers
 
+    graphs = mode == "reduce-overhead"
     return run
+
+
+def _mode(device):
+    """torch.compile's mode for the step: CUDA graphs on a GPU, unless
+    `KERAS_RWKV_TORCH_STEP_MODE` says otherwise."""
+    default = "reduce-overhead" if device.type == "cuda" else "default"
+    mode = os.environ.get("KERAS_RWKV_TORCH_STEP_MODE", default)
+    if mode not in _MODES:
+        raise ValueError(
+            f"KERAS_RWKV_TORCH_STEP_MODE={mode!r}: use one of {_MODES}."
+        )
+    return mode
+
+
+_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def _warn(error):
