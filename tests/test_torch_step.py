@@ -136,6 +136,34 @@ def test_a_bad_mode_is_named(lm, monkeypatch):
     lm.compile(sampler="greedy")
 
 
+def test_the_loop_reads_the_device_every_few_steps(lm, monkeypatch):
+    """No host read of a device value each step (each is a sync on a GPU):
+    the column index stays on the host and whether all rows ended is read
+    every `CHECK_EVERY` steps."""
+    import torch
+
+    lm.compile(sampler="greedy")
+    ids = np.array([[5, 6, 7], [0, 8, 9]], "int32")
+    inputs = {"token_ids": ids, "padding_mask": (ids > 0).astype("int32")}
+    lm.generate(inputs, max_new_tokens=4, stop_token_ids=None)
+    reads = []
+    as_bool = torch.Tensor.__bool__
+
+    def counted(tensor):
+        reads.append(1)
+        return as_bool(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counted)
+    counts = {}
+    for new in (8, 40):
+        reads.clear()
+        lm.generate(inputs, max_new_tokens=new, stop_token_ids=None)
+        counts[new] = len(reads)
+    # 32 more tokens: at most one read every 8 steps, and one more.
+    assert counts[40] - counts[8] <= 32 // 8 + 1, counts
+    assert counts[8] <= 4, counts
+
+
 def test_eager_unless_asked(lm):
     lm.compile(sampler="greedy")
     assert step_function(lm) == lm.call_with_state

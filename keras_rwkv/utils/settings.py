@@ -61,6 +61,25 @@ def step_kernel():
     return value
 
 
+TORCH_STEP_MODE_ENV_VAR = "KERAS_RWKV_TORCH_STEP_MODE"
+TORCH_STEP_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def torch_step_mode(on_gpu):
+    """`KERAS_RWKV_TORCH_STEP_MODE`: torch.compile's mode for the compiled
+    torch decoding step; by default CUDA graphs ("reduce-overhead") on a
+    GPU, else "default"."""
+    value = os.environ.get(TORCH_STEP_MODE_ENV_VAR, "").strip().lower()
+    if not value:
+        return "reduce-overhead" if on_gpu else "default"
+    if value not in TORCH_STEP_MODES:
+        raise ValueError(
+            f"{TORCH_STEP_MODE_ENV_VAR}={value!r}: use one of "
+            f"{', '.join(TORCH_STEP_MODES)}."
+        )
+    return value
+
+
 PRESET_HUB_ENV_VAR = "KERAS_RWKV_PRESET_HUB"
 PRESET_HUBS = ("modelscope", "huggingface")
 

@@ -10,11 +10,12 @@ runtime value, so one compiled program serves every segment): each step
 feeds the token at `index - 1` (masked when it is -1, which leaves the
 state untouched), picks the next token with the KerasHub sampler's public
 step API (`compute_probabilities`, `get_next_token`, `run_loop`) and writes
-it. A row ends after its stop token or its last slot has been *fed*, so
-the state the loop carries covers exactly each row's output. The state
-stays inside the loop, unlike KerasHub's `Sampler.__call__`, which drops
-its cache; and no host callback runs inside, so the compiled program can
-be kept in JAX's persistent compilation cache. Streaming is segment by
+it (on torch the loop is Python's, reading the device every few steps:
+`_host_loop`). A row ends after its stop token or its last slot has been
+*fed*, so the state the loop carries covers exactly each row's output. The
+state stays inside the loop, unlike KerasHub's `Sampler.__call__`, which
+drops its cache; and no host callback runs inside, so the compiled program
+can be kept in JAX's persistent compilation cache. Streaming is segment by
 segment on the host.
 
 Samplers that run a loop of their own (beam search) go through
@@ -22,6 +23,7 @@ Samplers that run a loop of their own (beam search) go through
 each row's limit protected.
 """
 
+import keras
 import numpy as np
 from keras import ops
 from keras_hub.samplers import Sampler
@@ -139,18 +141,48 @@ def decode_steps(
         tokens = ops.slice_update(tokens, [0, index], token[:, None])
         return tokens, state, index + 1, finished
 
-    tokens, layers, index, finished = lm.sampler.run_loop(
-        cond,
-        body,
-        model=lm,
-        loop_vars=(
-            tokens,
-            state.layers(),
-            ops.cast(index, "int32"),
-            ops.cast(finished, "bool"),
-        ),
-    )
+    if keras.config.backend() == "torch":
+        tokens, layers, index, finished = _host_loop(
+            body, tokens, state.layers(), index, finished, segment_end
+        )
+    else:
+        tokens, layers, index, finished = lm.sampler.run_loop(
+            cond,
+            body,
+            model=lm,
+            loop_vars=(
+                tokens,
+                state.layers(),
+                ops.cast(index, "int32"),
+                ops.cast(finished, "bool"),
+            ),
+        )
     return tokens, RWKV6State.from_layers(layers), index, finished
+
+
+# How many steps the torch loop runs between two reads of whether every
+# row has ended.
+CHECK_EVERY = 8
+
+
+def _host_loop(body, tokens, layers, index, finished, segment_end):
+    """The loop as torch runs it, in Python, without reading the device
+    each step: the column index stays a host int (so a step slices and
+    writes the buffer with plain indices, where a device index is a sync
+    each), and whether every row has ended is read every `CHECK_EVERY`
+    steps. Steps past the end change nothing: an ended row is fed pads,
+    which leave its state as it was, and gets -1 written."""
+    index, end = int(index), int(segment_end)
+    finished = ops.cast(finished, "bool")
+    if bool(ops.all(finished)):
+        return tokens, layers, index, finished
+    steps = 0
+    while index < end:
+        tokens, layers, index, finished = body(tokens, layers, index, finished)
+        steps += 1
+        if steps % CHECK_EVERY == 0 and bool(ops.all(finished)):
+            break
+    return tokens, layers, index, finished
 
 
 def sampler_loop(lm, tokens, state, row_end, prompt_len, stop_ids):

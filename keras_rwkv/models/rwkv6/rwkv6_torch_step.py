@@ -23,12 +23,12 @@ so each step's logits and state are copied out of it.
 Where tracing or compiling fails, the step runs eagerly with one warning.
 """
 
-import os
 import warnings
 
 import keras
 
 from keras_rwkv.models.rwkv6.rwkv6_compiled import variables_mark
+from keras_rwkv.utils import settings
 
 
 def step_function(lm):
@@ -94,7 +94,8 @@ def _build(lm, token_ids, padding_mask, layers):
             )
             return logits, new_layers
 
-    mode = _mode(token_ids.device)  # a bad setting is an error, not a warning
+    # A bad setting is an error, not a warning.
+    mode = settings.torch_step_mode(token_ids.device.type == "cuda")
     try:
         with torch.no_grad():
             exported = torch.export.export(
@@ -116,21 +117,6 @@ def _build(lm, token_ids, padding_mask, layers):
 
     graphs = mode == "reduce-overhead"
     return run
-
-
-def _mode(device):
-    """torch.compile's mode for the step: CUDA graphs on a GPU, unless
-    `KERAS_RWKV_TORCH_STEP_MODE` says otherwise."""
-    default = "reduce-overhead" if device.type == "cuda" else "default"
-    mode = os.environ.get("KERAS_RWKV_TORCH_STEP_MODE", default)
-    if mode not in _MODES:
-        raise ValueError(
-            f"KERAS_RWKV_TORCH_STEP_MODE={mode!r}: use one of {_MODES}."
-        )
-    return mode
-
-
-_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def _warn(error):
