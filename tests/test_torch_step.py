@@ -164,6 +164,35 @@ def test_the_loop_reads_the_device_every_few_steps(lm, monkeypatch):
     assert counts[8] <= 4, counts
 
 
+def test_the_compiled_loop_copies_nothing_to_the_device_a_step(lm, monkeypatch):
+    """Around the compiled step, the loop gives its ops tensors made once:
+    a host number or array given to an op is a copy to the device (and a
+    wait for it) each step."""
+    import torch
+
+    lm.compile(sampler="greedy", jit_compile=True)
+    ids = np.array([[5, 6, 7], [0, 8, 9]], "int32")
+    inputs = {"token_ids": ids, "padding_mask": (ids > 0).astype("int32")}
+    stops = (299,)  # in the loop's ops, never met
+    lm.generate(inputs, max_new_tokens=40, stop_token_ids=stops)
+    copies = []
+    as_tensor = torch.as_tensor
+
+    def counted(data, *args, **kwargs):
+        if not isinstance(data, torch.Tensor):
+            copies.append(type(data).__name__)
+        return as_tensor(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "as_tensor", counted)
+    counts = {}
+    for new in (8, 40):
+        copies.clear()
+        lm.generate(inputs, max_new_tokens=new, stop_token_ids=stops)
+        counts[new] = list(copies)
+    # The same copies for 8 tokens as for 40: none of them a step's.
+    assert counts[40] == counts[8], counts
+
+
 def test_eager_unless_asked(lm):
     lm.compile(sampler="greedy")
     assert step_function(lm) == lm.call_with_state

@@ -69,11 +69,14 @@ def has_own_loop(sampler):
     return type(picker).__call__ is not Sampler.__call__
 
 
-def _is_stop(token, stop_ids):
-    if not stop_ids:
+def _is_stop(token, stops, after_prompt):
+    """Whether each row's `token` is one of `stops` (a tensor, or None)
+    and was fed after the prompt (`after_prompt`: a bool tensor, or in
+    torch's host loop a Python bool, kept out of the ops)."""
+    if stops is None or after_prompt is False:
         return ops.zeros_like(token, "bool")
-    stops = ops.convert_to_tensor(np.asarray(stop_ids, "int32"))
-    return ops.any(ops.equal(token[:, None], stops[None, :]), axis=1)
+    hit = ops.any(ops.equal(token[:, None], stops[None, :]), axis=1)
+    return hit if after_prompt is True else ops.logical_and(hit, after_prompt)
 
 
 def decode_steps(
@@ -110,6 +113,14 @@ def decode_steps(
     width = tokens.shape[1]
     prompt_mask = ops.arange(width, dtype="int32")[None, :] < prompt_len
     row_end = ops.cast(row_end, "int32")
+    # Constants made once, as tensors: on torch a host number or array
+    # given to an op is copied to the device, and waited for, each step.
+    stops = (
+        ops.convert_to_tensor(np.asarray(stop_ids, "int32"))
+        if stop_ids
+        else None
+    )
+    zero, no_token = (ops.convert_to_tensor(v, "int32") for v in (0, -1))
 
     def cond(tokens, state, index, finished):
         return ops.logical_and(
@@ -122,7 +133,7 @@ def decode_steps(
         rows = ops.shape(tokens)[0]
         fed = ops.slice(tokens, [0, index - 1], [rows, 1])
         logits, _, state = step(
-            ops.maximum(fed, 0), ops.cast(fed >= 0, "int32"), state
+            ops.maximum(fed, zero), ops.cast(fed >= 0, "int32"), state
         )
         logits = logits[:, 0]
         if penalties is not None:
@@ -133,11 +144,10 @@ def decode_steps(
         token = ops.cast(picker.get_next_token(probabilities), "int32")
         # A row ends once its stop token or its last slot has been fed.
         ended = ops.logical_or(
-            ops.logical_and(_is_stop(fed[:, 0], stop_ids), index > prompt_len),
-            index >= row_end,
+            _is_stop(fed[:, 0], stops, index > prompt_len), index >= row_end
         )
         finished = ops.logical_or(finished, ended)
-        token = ops.where(finished, -1, token)
+        token = ops.where(finished, no_token, token)
         tokens = ops.slice_update(tokens, [0, index], token[:, None])
         return tokens, state, index + 1, finished
 
