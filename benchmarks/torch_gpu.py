@@ -9,20 +9,28 @@ Each run is its own process (Keras picks its backend once a process):
     python3 benchmarks/torch_gpu.py --run torch-graphs --out $OUT
     python3 benchmarks/torch_gpu.py --summary --out $OUT
 
+Runs started together with `--barrier DIR:N --lock FILE` all compile
+first, then take turns on the GPU, so that no timing overlaps another
+run's compiling (which slows the host-bound ones).
+
 `torch-jit` is `lm.compile(jit_compile=True)` (the compiled decoding step
-of `rwkv6_torch_step.py`; for training, Keras's `torch.compile` of the
-train step); `torch-graphs` the same step replayed as CUDA graphs
-(`KERAS_RWKV_TORCH_STEP_MODE=reduce-overhead`). `--part decode|train`
-runs one half. Figures: decode tokens/s (greedy, 16-token prompt, `--new`
-tokens, end to end, median of `--repeats` after a warm-up that compiles),
-the first call's seconds, the first 32 tokens (prompt and greedy output,
-to compare runs), and the state-tuning step (WKV + token-shift states,
-Adam, context 1024, batch 1) time and peak GPU memory.
+of `rwkv6_torch_step.py`, on a GPU one CUDA graph; for training, Keras's
+`torch.compile` of the train step); `torch-graphs` the same with
+`KERAS_RWKV_TORCH_STEP_MODE=reduce-overhead` said outright. `--profile`
+writes torch profiler tables of one timed call (`profile_*.txt`), and
+where it waits for the GPU (`syncs_*.txt`).
+`--part decode|train` runs one half. Figures: decode tokens/s (greedy,
+16-token prompt, `--new` tokens, end to end, median of `--repeats` after
+a warm-up that compiles), the first call's seconds, the first 32 tokens
+(prompt and greedy output, to compare runs), and the state-tuning step
+(WKV + token-shift states, Adam, context 1024, batch 1) time and peak GPU
+memory.
 """
 
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import time
@@ -97,17 +105,104 @@ def build(run, train=False):
     return lm
 
 
-def bench_decode(run, new, repeats, batches):
+def profile(fn, out_dir, name, rows=25):
+    """torch profiler tables of one `fn()` (after warm-up) into
+    `out_dir/name.txt`: the top ops by self host time and by device time,
+    and the totals (wall, host ops, kernels and their time)."""
+    import keras
+
+    if keras.config.backend() != "torch":
+        return
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        sync(fn())
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    kernels = [e for e in events if "CUDA" in str(e.device_type)]
+    device_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+    lines = [
+        f"# {name}: wall {wall * 1e3:.1f} ms (profiled)",
+        f"kernels: {sum(e.count for e in kernels)}, "
+        f"device time {device_ms:.1f} ms",
+        events.table(sort_by="self_cpu_time_total", row_limit=rows),
+    ]
+    if torch.cuda.is_available():
+        lines.append(
+            events.table(sort_by="self_cuda_time_total", row_limit=rows)
+        )
+    with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
+        f.write("\n".join(lines))
+    print(lines[0], lines[1], flush=True)
+
+
+def find_syncs(fn, out_dir, name):
+    """Where one `fn()` makes the host wait for the GPU: torch's sync
+    debug mode warns at each synchronizing op, and each warning's Python
+    stack is counted, into `out_dir/name.txt`."""
+    import collections
+    import traceback
+    import warnings
+
+    import keras
+
+    if keras.config.backend() != "torch":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    stacks = collections.Counter()
+    shown = warnings.showwarning
+
+    def record(message, *args, **kwargs):
+        frames = traceback.extract_stack()[:-2]
+        ours = [f for f in frames if "site-packages/torch" not in f.filename]
+        stacks[
+            " <- ".join(
+                f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}"
+                for f in ours[::-1][:8]
+            )
+        ] += 1
+
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                sync(fn())
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = shown
+    lines = [f"# {name}: {sum(stacks.values())} syncs"]
+    lines += [f"{n} {stack}" for stack, n in stacks.most_common()]
+    with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
+        f.write("\n".join(lines))
+    print(lines[0], flush=True)
+
+
+def prepare_decode(run, new, repeats, batches, out_dir=None):
+    """Builds and warms up (compiles) decoding for every batch size;
+    returns `(result, timed)`, `timed()` adding the timed figures."""
+    import keras
     import numpy as np
 
     lm = build(run)
     rng = np.random.default_rng(0)
-    result = {}
+    result, gens = {}, {}
     for batch in batches:
         ids = rng.integers(1, 65529, (batch, PROMPT)).astype("int32")
         inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
 
-        def gen(inputs=inputs):
+        def gen(inputs=inputs, new=new):
             return lm.generate(inputs, max_new_tokens=new, stop_token_ids=None)
 
         start = time.perf_counter()
@@ -115,14 +210,30 @@ def bench_decode(run, new, repeats, batches):
         result[f"first_s_b{batch}"] = time.perf_counter() - start
         if batch == 1:
             result["tokens_b1"] = [int(t) for t in out["token_ids"][0][:32]]
-        with gpu_turn():
+        gens[batch] = gen
+    # On torch one new token is the prompt's read and one step (the step
+    # program is shared; JAX would compile another loop for it).
+    reads = keras.config.backend() == "torch"
+
+    def timed():
+        for batch, gen in gens.items():
             seconds = median_time(gen, repeats)
-        result[f"decode_b{batch}"] = batch * new / seconds
-        print(run, batch, result, flush=True)
-    return result
+            result[f"decode_b{batch}"] = batch * new / seconds
+            if reads:
+                one = median_time(functools.partial(gen, new=1), repeats)
+                result[f"one_token_ms_b{batch}"] = one * 1e3
+                result[f"step_ms_b{batch}"] = (seconds - one) / (new - 1) * 1e3
+            print(run, batch, result, flush=True)
+            if out_dir:
+                profile(gen, out_dir, f"profile_decode_{run}_b{batch}")
+                find_syncs(gen, out_dir, f"syncs_decode_{run}_b{batch}")
+
+    return result, timed
 
 
-def bench_train(run, steps, context):
+def prepare_train(run, steps, context, out_dir=None):
+    """Builds and warms up (compiles) the state-tuning step; returns
+    `(result, timed)` like `prepare_decode`."""
     import keras
     import numpy as np
 
@@ -138,23 +249,42 @@ def bench_train(run, steps, context):
     lm.train_on_batch(x, y)
     sync()
     result = {"train_first_s": time.perf_counter() - start}
-    with gpu_turn():
+
+    def timed():
         step = median_time(lambda: lm.train_on_batch(x, y), steps)
-    if keras.config.backend() == "torch":
-        import torch
+        if keras.config.backend() == "torch":
+            import torch
 
-        peak = (
-            torch.cuda.max_memory_allocated()
-            if torch.cuda.is_available()
-            else 0
-        )
-    else:
-        import jax
+            peak = (
+                torch.cuda.max_memory_allocated()
+                if torch.cuda.is_available()
+                else 0
+            )
+        else:
+            import jax
 
-        stats = jax.devices()[0].memory_stats() or {}
-        peak = stats.get("peak_bytes_in_use", 0)
-    result.update(train_step_ms=step * 1e3, train_peak_gib=peak / 2**30)
-    return result
+            stats = jax.devices()[0].memory_stats() or {}
+            peak = stats.get("peak_bytes_in_use", 0)
+        result.update(train_step_ms=step * 1e3, train_peak_gib=peak / 2**30)
+        if out_dir:
+            train = lambda: lm.train_on_batch(x, y)  # noqa: E731
+            profile(train, out_dir, f"profile_train_{run}")
+            find_syncs(train, out_dir, f"syncs_train_{run}")
+
+    return result, timed
+
+
+def barrier(spec):
+    """`--barrier DIR:N`: waits until N runs have reached it, so that no
+    run's timing overlaps another's compiling."""
+    if not spec:
+        return
+    folder, count = spec.rsplit(":", 1)
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    deadline = time.time() + 900
+    while len(os.listdir(folder)) < int(count) and time.time() < deadline:
+        time.sleep(0.5)
 
 
 def device_name():
@@ -185,6 +315,9 @@ def summary(out_dir):
         "decode_b64",
         "first_s_b1",
         "first_s_b64",
+        "one_token_ms_b1",
+        "step_ms_b1",
+        "step_ms_b64",
         "train_step_ms",
         "train_peak_gib",
         "train_first_s",
@@ -215,7 +348,11 @@ def main():
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--lock", help="a file runs share to take turns")
+    parser.add_argument("--barrier", help="DIR:N, see barrier()")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test")
+    parser.add_argument(
+        "--profile", action="store_true", help="torch profiler tables"
+    )
     args = parser.parse_args()
     LOCK["path"] = args.lock
     if args.summary:
@@ -227,10 +364,21 @@ def main():
         DIMS.update(num_layers=2, hidden_dim=128, intermediate_dim=256)
     result = {"device": device_name()}
     part = args.part or "both"
+    profiled = args.out if args.profile else None
+    prepared = []
     if part in ("decode", "both"):
-        result.update(bench_decode(args.run, args.new, args.repeats, batches))
+        prepared.append(
+            prepare_decode(args.run, args.new, args.repeats, batches, profiled)
+        )
     if part in ("train", "both"):
-        result.update(bench_train(args.run, args.steps, args.context))
+        prepared.append(
+            prepare_train(args.run, args.steps, args.context, profiled)
+        )
+    barrier(args.barrier)
+    with gpu_turn():
+        for part_result, timed in prepared:
+            timed()
+            result.update(part_result)
     print(json.dumps(result), flush=True)
     path = os.path.join(args.out, f"torch_gpu_{args.run}.json")
     with gpu_turn():  # parts run in separate processes add up

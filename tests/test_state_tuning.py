@@ -401,3 +401,41 @@ def test_programs_see_lora_and_state_tuning_added_on_the_backbone(world_pth):
     tuned = wkv_after_read()
     assert relative_error(tuned, with_lora) > 1e-3
     assert relative_error(tuned, wkv_eager()) < 1e-4
+
+
+def test_the_training_loss_is_the_weighted_mean_token_cross_entropy():
+    """What `fit` minimises, on every backend (torch computes it over
+    `[B * T, V]` logits, see `RWKV6CausalLM.compute_loss`), against a
+    NumPy reference on random logits, labels and padding weights."""
+    from keras_rwkv import RWKV6Backbone
+
+    keras.utils.set_random_seed(1)
+    lm = RWKV6CausalLM(
+        RWKV6Backbone(
+            vocabulary_size=300,
+            num_layers=1,
+            hidden_dim=64,
+            intermediate_dim=128,
+            head_size=32,
+            mix_lora_dim=8,
+            decay_lora_dim=8,
+        )
+    )
+    lm.compile(optimizer="adam")
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (3, 7, 300)).astype("float32")
+    labels = rng.integers(0, 300, (3, 7)).astype("int32")
+    weights = (rng.random((3, 7)) > 0.3).astype("float32")
+    got = lm.compute_loss(
+        y=ops.convert_to_tensor(labels),
+        y_pred=ops.convert_to_tensor(logits),
+        sample_weight=ops.convert_to_tensor(weights),
+    )
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_p, labels[..., None], -1)[..., 0]
+    # Keras's default reduction: the weighted sum over every token slot.
+    want = (nll * weights).sum() / weights.size
+    np.testing.assert_allclose(
+        float(ops.convert_to_numpy(got)), want, rtol=1e-5
+    )

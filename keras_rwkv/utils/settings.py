@@ -62,13 +62,18 @@ def step_kernel():
 
 
 TORCH_STEP_MODE_ENV_VAR = "KERAS_RWKV_TORCH_STEP_MODE"
-TORCH_STEP_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+TORCH_STEP_MODES = (
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)
 
 
 def torch_step_mode(on_gpu):
     """`KERAS_RWKV_TORCH_STEP_MODE`: torch.compile's mode for the compiled
-    torch decoding step; by default CUDA graphs ("reduce-overhead") on a
-    GPU, else "default"."""
+    torch decoding step, named as torch names them; by default a CUDA
+    graph ("reduce-overhead") on a GPU, else "default"."""
     value = os.environ.get(TORCH_STEP_MODE_ENV_VAR, "").strip().lower()
     if not value:
         return "reduce-overhead" if on_gpu else "default"

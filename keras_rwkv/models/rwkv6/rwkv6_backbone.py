@@ -127,7 +127,7 @@ class RWKV6Backbone(Backbone):
             shape=(None,), dtype="int32", name="padding_mask"
         )
         sequence_output, _ = self._run_layers(
-            token_id_input, padding_mask_input, None
+            token_id_input, padding_mask_input, None, None
         )
         super().__init__(
             inputs={
@@ -366,15 +366,18 @@ class RWKV6Backbone(Backbone):
         wkv_shape = (batch_size,) + tuple(state.wkv.shape[1:])
         return RWKV6State(ops.broadcast_to(state.wkv, wkv_shape), state.shift)
 
-    def _run_layers(self, token_ids, padding_mask, layer_states):
+    def _run_layers(self, token_ids, padding_mask, layer_states, contiguous):
         """The one forward pass, shared by the functional graph
         (`layer_states` None, i.e. zeros) and `call_with_state`."""
         x = self.token_embedding(token_ids)
         x = self.embeddings_layer_norm(x)
         prev_index, last_index = shift_indices(padding_mask)
-        contiguous = None
         # A step's shift needs no test; a symbolic pass none either.
-        if x.shape[1] != 1 and not isinstance(x, keras.KerasTensor):
+        if (
+            contiguous is None
+            and x.shape[1] != 1
+            and not isinstance(x, keras.KerasTensor)
+        ):
             contiguous = runs_contiguous(prev_index, last_index, x.shape[1])
         states_in = layer_states or [None] * len(self.transformer_layers)
         layer_states = []
@@ -390,7 +393,9 @@ class RWKV6Backbone(Backbone):
             layer_states.append(layer_state)
         return self.layer_norm(x), layer_states
 
-    def call_with_state(self, token_ids, padding_mask=None, state=None):
+    def call_with_state(
+        self, token_ids, padding_mask=None, state=None, contiguous=None
+    ):
         """Runs the backbone from `state` and returns the final state too.
 
         The same layers and math as calling the backbone; a pad leaves the
@@ -403,6 +408,10 @@ class RWKV6Backbone(Backbone):
                 means all real.
             state: an `RWKV6State` of batch B or 1, `None` for zeros, or
                 the list of batch-B per-layer tuples `state.layers()` gives.
+            contiguous: whether every row's real tokens are one run (no
+                padding, or only left or right padding), as the caller
+                knows it; `None` tests the mask (on torch a wait for the
+                device, and no traced program can hold the test).
 
         Returns:
             `(hidden_states [B, T, hidden_dim], state)`, the state an
@@ -419,7 +428,9 @@ class RWKV6Backbone(Backbone):
         as_list = not isinstance(state, RWKV6State) and state is not None
         if isinstance(state, RWKV6State):
             state = state.broadcast_to(ops.shape(token_ids)[0]).layers()
-        hidden, layer_states = self._run_layers(token_ids, padding_mask, state)
+        hidden, layer_states = self._run_layers(
+            token_ids, padding_mask, state, contiguous
+        )
         if as_list:
             return hidden, layer_states
         return hidden, RWKV6State.from_layers(layer_states)

@@ -15,10 +15,10 @@ chunks of 16). Between chunks only the state is passed on, with an
 associative scan over chunks.
 """
 
-import contextlib
-
 import keras
 from keras import ops
+
+from keras_rwkv.utils.scan import associative_scan
 
 DEFAULT_CHUNK_SIZE = 16
 
@@ -33,17 +33,6 @@ def einsum_f32(subscripts, *operands):
     if keras.config.backend() == "jax":
         return ops.einsum(subscripts, *operands, precision="highest")
     return ops.einsum(subscripts, *operands)
-
-
-def _factory_device(x):
-    # Keras's torch `associative_scan` makes its buffers with `torch.zeros`
-    # on the default device (the CPU), then mixes them with `x`: make x's
-    # device the default while it runs.
-    if keras.config.backend() == "torch":
-        import torch
-
-        return torch.device(x.device)
-    return contextlib.nullcontext()
 
 
 def full_state(initial_state, batch, num_heads, head_size):
@@ -97,10 +86,7 @@ def chain_states(decay, kv, state, axis):
         d_r, s_r = right
         return d_l * d_r, d_r[..., None] * s_l + s_r
 
-    with _factory_device(kv):
-        decay_prod, kv_sum = ops.associative_scan(
-            combine, (decay, kv), axis=axis
-        )
+    decay_prod, kv_sum = associative_scan(combine, (decay, kv), axis=axis)
     return decay_prod[..., None] * ops.expand_dims(state, axis) + kv_sum
 
 
