@@ -256,13 +256,32 @@ def test_the_loop_reads_the_device_every_few_steps(lm, monkeypatch):
     assert counts[8] <= 4, counts
 
 
-def test_the_compiled_loop_copies_nothing_to_the_device_a_step(lm, monkeypatch):
-    """Around the compiled step, the loop gives its ops tensors made once:
-    a host number or array given to an op is a copy to the device (and a
-    wait for it) each step."""
+@pytest.mark.parametrize("penalties", [False, True])
+def test_the_compiled_loop_copies_nothing_to_the_device_a_step(
+    lm, monkeypatch, penalties
+):
+    """Around the compiled step, the loop (and the repetition penalties,
+    every option on) gives its ops tensors made once: a host number or
+    array given to an op is a copy to the device (and a wait for it) each
+    step."""
     import torch
 
-    lm.compile(sampler="greedy", jit_compile=True)
+    from keras_rwkv.samplers import PenaltySampler
+
+    sampler = "greedy"
+    if penalties:
+        sampler = PenaltySampler(
+            "greedy",
+            repetition_penalty=1.3,
+            penalty_window=16,
+            max_penalty_range=(1, 4),
+            presence_penalty=0.4,
+            frequency_penalty=0.2,
+            penalty_decay=0.99,
+            token_ban=(3,),
+            unweighted_ids=(5, 6),
+        )
+    lm.compile(sampler=sampler, jit_compile=True)
     ids = np.array([[5, 6, 7], [0, 8, 9]], "int32")
     inputs = {"token_ids": ids, "padding_mask": (ids > 0).astype("int32")}
     stops = (299,)  # in the loop's ops, never met
@@ -276,6 +295,14 @@ def test_the_compiled_loop_copies_nothing_to_the_device_a_step(lm, monkeypatch):
         return as_tensor(data, *args, **kwargs)
 
     monkeypatch.setattr(torch, "as_tensor", counted)
+    made = torch.tensor
+
+    def counted_tensor(data, *args, **kwargs):
+        if not isinstance(data, torch.Tensor):
+            copies.append(f"tensor({type(data).__name__})")
+        return made(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", counted_tensor)
     counts = {}
     for new in (8, 40):
         copies.clear()

@@ -142,6 +142,18 @@ class PenaltySampler(Sampler):
         self.unweighted_ids = unweighted_ids
         self.penalty_temperature = float(temperature)
 
+    def _id_table(self, ids, vocab):
+        """`_id_table_array` as a tensor, made once per table (on torch a
+        copy to the device and a wait, were it made each step); a NumPy
+        constant in a traced program."""
+        key = (tuple(ids), vocab)
+        if keras.config.backend() != "torch":
+            return ops.convert_to_tensor(_id_table_array(ids, vocab))
+        tables = self.__dict__.setdefault("_tables", {})
+        if key not in tables:
+            tables[key] = ops.convert_to_tensor(_id_table_array(ids, vocab))
+        return tables[key]
+
     @property
     def variables(self):
         return self.sampler.variables
@@ -166,6 +178,9 @@ class PenaltySampler(Sampler):
         Returns:
             `[B, V]` float32 logits.
         """
+        # No Python number goes into a Keras op here: on torch each would
+        # be a copy to the device, and a wait for it, every step. Tensor
+        # arithmetic and comparisons take numbers as they are.
         logits = ops.cast(logits, "float32")
         vocab = logits.shape[-1]
         tokens = ops.cast(tokens, "int32")
@@ -184,20 +199,27 @@ class PenaltySampler(Sampler):
             counts = _token_counts(tokens, ops.cast(counted, "float32"), vocab)
             if self.max_penalty_range is not None:
                 lo, hi = self.max_penalty_range
-                counts = ops.where(counts < lo, 0.0, ops.minimum(counts, hi))
-            scale = ops.power(self.repetition_penalty, counts)
+                counts = ops.where(
+                    counts < lo,
+                    ops.zeros_like(counts),
+                    ops.minimum(counts, _filled(counts, hi)),
+                )
+            scale = ops.power(_filled(counts, self.repetition_penalty), counts)
             logits = ops.where(logits > 0, logits / scale, logits * scale)
 
         if self.presence_penalty or self.frequency_penalty:
             # Age of each generated token: 0 for the newest.
             gen = ops.cast(generated_mask, "int32")
             age = ops.flip(ops.cumsum(ops.flip(gen, 1), 1), 1) - 1
-            weights = ops.power(self.penalty_decay, ops.cast(age, "float32"))
+            age = ops.cast(age, "float32")
+            weights = ops.power(_filled(age, self.penalty_decay), age)
             weights = weights * ops.cast(generated_mask, "float32")
             unweighted = self._resolved_unweighted_ids()
             if unweighted:
-                is_free = ops.take(_id_table(unweighted, vocab), tokens)
-                freq_weights = ops.where(is_free, 0.0, weights)
+                is_free = ops.take(self._id_table(unweighted, vocab), tokens)
+                freq_weights = ops.where(
+                    is_free, ops.zeros_like(weights), weights
+                )
             else:
                 freq_weights = weights
             occurrence = _token_counts(tokens, freq_weights, vocab)
@@ -207,11 +229,15 @@ class PenaltySampler(Sampler):
             penalty = self.presence_penalty + self.frequency_penalty * (
                 occurrence
             )
-            logits = logits - ops.where(present > 0, penalty, 0.0)
+            logits = logits - ops.where(
+                present > 0, penalty, ops.zeros_like(penalty)
+            )
 
         if self.token_ban:
-            ban = _id_table(self.token_ban, vocab)
-            logits = ops.where(ban[None, :], -float("inf"), logits)
+            ban = self._id_table(self.token_ban, vocab)
+            logits = ops.where(
+                ban[None, :], _filled(logits, -float("inf")), logits
+            )
         return logits / self.penalty_temperature
 
     def penalize(self, logits, tokens, index, start, prompt_mask):
@@ -234,7 +260,10 @@ class PenaltySampler(Sampler):
         read = ops.logical_and(prompt_mask, columns < index)
         read = ops.logical_or(ops.logical_and(read, real), generated)
         return self.apply_penalties(
-            logits, ops.maximum(tokens, 0), read, generated
+            logits,
+            ops.where(real, tokens, ops.zeros_like(tokens)),
+            read,
+            generated,
         )
 
     def __call__(
@@ -299,8 +328,24 @@ def _world_unweighted_ids():
     return pipeline_unweighted_ids(RWKV6Tokenizer())
 
 
+def _filled(x, value):
+    """`x`'s shape and dtype, filled with the number `value` on the device
+    (Keras's torch `full_like` and `clip` copy the number over)."""
+    return ops.zeros_like(x) + value
+
+
 def _token_counts(tokens, weights, vocab):
-    """Per row, the sum of `weights` of each token id: `[B, V]`."""
+    """Per row, the sum of `weights` of each token id (all in
+    `[0, vocab)`): `[B, V]`."""
+    if keras.config.backend() == "torch":
+        # Keras's torch `segment_sum` copies a shape to the device and
+        # reads a count back, two waits for the device a call.
+        import torch
+
+        counts = torch.zeros(
+            (tokens.shape[0], vocab), dtype=weights.dtype, device=weights.device
+        )
+        return counts.scatter_add_(1, tokens.long(), weights)
     batch = ops.shape(tokens)[0]
     rows = ops.arange(batch, dtype="int32")[:, None] * vocab
     segments = ops.reshape(rows + tokens, (-1,))
@@ -310,8 +355,8 @@ def _token_counts(tokens, weights, vocab):
     return ops.reshape(counts, (batch, vocab))
 
 
-def _id_table(ids, vocab):
+def _id_table_array(ids, vocab):
     """A constant `[V]` bool table, True at `ids`."""
     table = np.zeros((vocab,), bool)
     table[[i for i in ids if 0 <= i < vocab]] = True
-    return ops.convert_to_tensor(table)
+    return table
