@@ -14,9 +14,11 @@ first, then take turns on the GPU, so that no timing overlaps another
 run's compiling (which slows the host-bound ones).
 
 `torch-jit` is `lm.compile(jit_compile=True)` (the compiled decoding step
-of `rwkv6_torch_step.py`, on a GPU one CUDA graph; for training, Keras's
-`torch.compile` of the train step); `torch-graphs` the same with
-`KERAS_RWKV_TORCH_STEP_MODE=reduce-overhead` said outright. `--profile`
+of `rwkv6_torch_step.py`, on a GPU one CUDA graph; for training, the
+forward pass traced and compiled by `rwkv6_torch_forward.py`);
+`torch-graphs` the same with `KERAS_RWKV_TORCH_STEP_MODE=reduce-overhead`
+said outright; `torch-trace` with `KERAS_RWKV_TORCH_TRAIN_MODE=trace` (the
+training forward traced, not compiled). `--profile`
 writes torch profiler tables of one timed call (`profile_*.txt`), and
 where it waits for the GPU (`syncs_*.txt`).
 `--part decode|train` runs one half. Figures: decode tokens/s (greedy,
@@ -39,7 +41,7 @@ from shapes import RWKV6_1B6
 
 DIMS = dict(RWKV6_1B6)
 PROMPT = 16
-RUNS = ("jax", "torch-eager", "torch-jit", "torch-graphs")
+RUNS = ("jax", "torch-eager", "torch-jit", "torch-graphs", "torch-trace")
 LOCK = {"path": None}
 
 
@@ -63,6 +65,8 @@ def setup(run):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if run == "torch-graphs":
         os.environ["KERAS_RWKV_TORCH_STEP_MODE"] = "reduce-overhead"
+    if run == "torch-trace":
+        os.environ["KERAS_RWKV_TORCH_TRAIN_MODE"] = "trace"
 
 
 def sync(x=None):
@@ -96,7 +100,9 @@ def build(run, train=False):
 
     keras.utils.set_random_seed(0)
     lm = RWKV6CausalLM(RWKV6Backbone(**DIMS, dtype="bfloat16"))
-    jit = {"jit_compile": True} if run in ("torch-jit", "torch-graphs") else {}
+    jit = {"jit_compile": True} if run.startswith("torch-") else {}
+    if run == "torch-eager":
+        jit = {}
     if train:
         lm.enable_state_tuning(time_shift=True)
         lm.compile(optimizer=keras.optimizers.Adam(1e-3), **jit)
@@ -246,9 +252,9 @@ def prepare_train(run, steps, context, out_dir=None):
     }
     y = ids[:, 1:].astype("int32")
     start = time.perf_counter()
-    lm.train_on_batch(x, y)
+    loss = lm.train_on_batch(x, y)[0]
     sync()
-    result = {"train_first_s": time.perf_counter() - start}
+    result = {"train_first_s": time.perf_counter() - start, "train_loss": loss}
 
     def timed():
         step = median_time(lambda: lm.train_on_batch(x, y), steps)
@@ -321,6 +327,7 @@ def summary(out_dir):
         "train_step_ms",
         "train_peak_gib",
         "train_first_s",
+        "train_loss",
     )
     print("| run | " + " | ".join(keys) + " | greedy = torch eager (of 32) |")
     print("|---" * (len(keys) + 2) + "|")

@@ -139,25 +139,66 @@ def test_graph_mode_decodes_like_eager(lm, monkeypatch):
     capture's output, which every replay rewrites. On the CPU a stand-in
     for the graph runs the captured work again at each replay (the real
     capture is tested on a GPU below)."""
+    captures = stand_in_graphs(monkeypatch)
+    ids = np.array([[5, 6, 7], [0, 8, 9]], "int32")
+    inputs = {"token_ids": ids, "padding_mask": (ids > 0).astype("int32")}
+    assert_same_generation(*generate_both_ways(lm, inputs))
+    assert sorted(captures) == ["decoding step", "prompt's read"]
+
+
+def stand_in_graphs(monkeypatch):
+    """CUDA graphs on the CPU: a stand-in capture whose replay runs the
+    captured work again and writes its outputs into the capture's. Returns
+    the list of what was captured."""
     from keras_rwkv.models.rwkv6 import rwkv6_torch_step
 
     captures = []
 
-    def capture(run):
+    def capture(run, what="decoding step", pool=None):
         outputs = run()
-        captures.append(outputs)
+        captures.append(what)
 
         def replay():
-            outputs.copy_(run())
+            keras.tree.map_structure(
+                lambda own, new: own.copy_(new), outputs, run()
+            )
 
         return replay, outputs
 
     monkeypatch.setattr(rwkv6_torch_step, "_on_gpu", lambda tensor: True)
     monkeypatch.setattr(rwkv6_torch_step, "capture_graph", capture)
-    ids = np.array([[5, 6, 7], [0, 8, 9]], "int32")
-    inputs = {"token_ids": ids, "padding_mask": (ids > 0).astype("int32")}
-    assert_same_generation(*generate_both_ways(lm, inputs))
-    assert len(captures) == 1
+    monkeypatch.setattr(rwkv6_torch_step, "_graph_pool", lambda: "pool")
+    return captures
+
+
+def test_the_read_as_a_graph_reads_like_eager_into_states_of_its_own(
+    lm, monkeypatch
+):
+    """The prompt's read replayed as a graph over buffers of its own: the
+    same states as eager, from zeros and from a state, and each call's
+    state a copy (the next replay does not change it)."""
+    captures = stand_in_graphs(monkeypatch)
+    rng = np.random.default_rng(3)
+    prompts = []
+    for _ in range(2):
+        ids = rng.integers(1, 300, (2, 7)).astype("int32")
+        ids[1, :3] = 0
+        prompts.append(
+            {"token_ids": ids, "padding_mask": (ids > 0).astype("int32")}
+        )
+    lm.compile(sampler="greedy", jit_compile=True)
+    first = lm.prefill(prompts[0])
+    second = lm.prefill(prompts[1])
+    continued = lm.prefill(prompts[1], state=first)
+    assert sorted(captures) == ["prompt's read"] * 2  # from zeros, a state
+    lm.compile(sampler="greedy")
+    for got, want in (
+        (first, lm.prefill(prompts[0])),
+        (second, lm.prefill(prompts[1])),
+        (continued, lm.prefill(prompts[1], state=lm.prefill(prompts[0]))),
+    ):
+        close(got.wkv, want.wkv)
+        close(got.shift, want.shift)
 
 
 def test_cuda_graph_decodes_like_eager_on_a_gpu():

@@ -85,6 +85,26 @@ def torch_step_mode(on_gpu):
     return value
 
 
+TORCH_TRAIN_MODE_ENV_VAR = "KERAS_RWKV_TORCH_TRAIN_MODE"
+TORCH_TRAIN_MODES = ("trace",) + TORCH_STEP_MODES
+
+
+def torch_train_mode(on_gpu):
+    """`KERAS_RWKV_TORCH_TRAIN_MODE`: how torch with `jit_compile=True`
+    runs the forward pass of `fit`, `evaluate` and `predict`: "trace"
+    (the traced graph as it is; the default on a CPU, where compiling
+    takes minutes) or a torch.compile mode ("default" on a GPU)."""
+    value = os.environ.get(TORCH_TRAIN_MODE_ENV_VAR, "").strip().lower()
+    if not value:
+        return "default" if on_gpu else "trace"
+    if value not in TORCH_TRAIN_MODES:
+        raise ValueError(
+            f"{TORCH_TRAIN_MODE_ENV_VAR}={value!r}: use one of "
+            f"{', '.join(TORCH_TRAIN_MODES)}."
+        )
+    return value
+
+
 PRESET_HUB_ENV_VAR = "KERAS_RWKV_PRESET_HUB"
 PRESET_HUBS = ("modelscope", "huggingface")
 

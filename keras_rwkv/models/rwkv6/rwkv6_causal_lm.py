@@ -19,10 +19,14 @@ from keras_rwkv.models.rwkv6.rwkv6_decoding import has_own_loop
 from keras_rwkv.models.rwkv6.rwkv6_decoding import kept_mask
 from keras_rwkv.models.rwkv6.rwkv6_decoding import left_pad
 from keras_rwkv.models.rwkv6.rwkv6_decoding import sampler_loop
+from keras_rwkv.models.rwkv6.rwkv6_generate_inputs import new_token_counts
 from keras_rwkv.models.rwkv6.rwkv6_generate_inputs import prompt_rows
 from keras_rwkv.models.rwkv6.rwkv6_generate_inputs import stop_ids
 from keras_rwkv.models.rwkv6.rwkv6_quantize import quantize_with_filter
 from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
+from keras_rwkv.models.rwkv6.rwkv6_torch_forward import flat_for_torch_loss
+from keras_rwkv.models.rwkv6.rwkv6_torch_forward import keras_compile_off
+from keras_rwkv.models.rwkv6.rwkv6_torch_forward import torch_forward
 from keras_rwkv.models.rwkv6.rwkv6_torch_step import read_function
 
 # Streaming: the longest segment decoded between two deliveries.
@@ -135,23 +139,7 @@ class RWKV6CausalLM(CausalLM):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        # Keras's torch cross-entropy moves the class axis of `[B, T, V]`
-        # logits to dim 1, where torch's softmax kernel is ~100x slower
-        # than over the last axis (106 of the 163 ms of device time of a
-        # 1.6B state-tuning step at context 1024 on an H200). Per-token
-        # losses over `[B * T, V]` are the same numbers.
-        if (
-            keras.config.backend() == "torch"
-            and y_pred is not None
-            and len(y_pred.shape) == 3
-            and y is not None
-            and len(y.shape) == 2
-            and (sample_weight is None or sample_weight.shape == y.shape)
-        ):
-            y_pred = ops.reshape(y_pred, (-1, y_pred.shape[-1]))
-            y = ops.reshape(y, (-1,))
-            if sample_weight is not None:
-                sample_weight = ops.reshape(sample_weight, (-1,))
+        y, y_pred, sample_weight = flat_for_torch_loss(y, y_pred, sample_weight)
         return super().compute_loss(
             x=x,
             y=y,
@@ -159,6 +147,26 @@ class RWKV6CausalLM(CausalLM):
             sample_weight=sample_weight,
             training=training,
         )
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        # torch with jit_compile=True: one program per shape
+        # (rwkv6_torch_forward.py); elsewhere the functional graph.
+        logits = None if kwargs else torch_forward(self, inputs)
+        if logits is not None:
+            return logits
+        return super().call(inputs, training=training, mask=mask, **kwargs)
+
+    def make_train_function(self, force=False):
+        with keras_compile_off(self):
+            return super().make_train_function(force)
+
+    def make_test_function(self, force=False):
+        with keras_compile_off(self):
+            return super().make_test_function(force)
+
+    def make_predict_function(self, force=False):
+        with keras_compile_off(self):
+            return super().make_predict_function(force)
 
     # --- model pieces -----------------------------------------------------
 
@@ -345,7 +353,9 @@ class RWKV6CausalLM(CausalLM):
                 )
             rows = [r if r else [0] for r in rows]
         lengths = [len(r) for r in rows]
-        row_limits = self._new_token_counts(lengths, max_length, max_new_tokens)
+        row_limits = new_token_counts(
+            lengths, max_length, max_new_tokens, self.preprocessor
+        )
         stop_ids = self._stop_ids(stop_token_ids)
 
         # Bucketed shapes, so that nearby lengths share compiled programs.
@@ -426,31 +436,6 @@ class RWKV6CausalLM(CausalLM):
         if return_state:
             state = self._read(out[:, prompt_len - 1 :], state)
         return out, state
-
-    def _new_token_counts(self, lengths, max_length, max_new_tokens):
-        """How many new tokens each row may get (rows of `lengths`
-        prompt tokens)."""
-        if max_new_tokens is not None:
-            if max_length is not None:
-                raise ValueError("Pass max_length or max_new_tokens, not both.")
-            if max_new_tokens < 1:
-                raise ValueError("max_new_tokens must be >= 1.")
-            return [int(max_new_tokens)] * len(lengths)
-        if max_length is None:
-            if self.preprocessor is None:
-                raise ValueError(
-                    "Pass max_length or max_new_tokens (there is no "
-                    "preprocessor to take a default sequence_length from)."
-                )
-            max_length = self.preprocessor.sequence_length
-        longest = max(lengths)
-        if max_length <= longest:
-            raise ValueError(
-                f"max_length={max_length} leaves no room to generate: the "
-                f"longest prompt has {longest} tokens and max_length counts "
-                "the prompt too. Raise max_length or use max_new_tokens."
-            )
-        return [int(max_length - n) for n in lengths]
 
 
 def _compact(outputs):

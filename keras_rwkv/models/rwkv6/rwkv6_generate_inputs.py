@@ -114,3 +114,30 @@ def stop_ids(stop_token_ids, tokenizer, vocabulary_size):
         ) from None
     _check_ids(values, vocabulary_size, "stop_token_ids")
     return tuple(int(t) for t in values)
+
+
+def new_token_counts(lengths, max_length, max_new_tokens, preprocessor):
+    """How many new tokens each row may get (rows of `lengths` prompt
+    tokens), from `generate`'s `max_length` or `max_new_tokens`;
+    `max_length` defaults to the preprocessor's `sequence_length`."""
+    if max_new_tokens is not None:
+        if max_length is not None:
+            raise ValueError("Pass max_length or max_new_tokens, not both.")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1.")
+        return [int(max_new_tokens)] * len(lengths)
+    if max_length is None:
+        if preprocessor is None:
+            raise ValueError(
+                "Pass max_length or max_new_tokens (there is no "
+                "preprocessor to take a default sequence_length from)."
+            )
+        max_length = preprocessor.sequence_length
+    longest = max(lengths)
+    if max_length <= longest:
+        raise ValueError(
+            f"max_length={max_length} leaves no room to generate: the "
+            f"longest prompt has {longest} tokens and max_length counts "
+            "the prompt too. Raise max_length or use max_new_tokens."
+        )
+    return [int(max_length - n) for n in lengths]
