@@ -18,7 +18,8 @@ of `rwkv6_torch_step.py`, on a GPU one CUDA graph; for training, the
 forward pass traced and compiled by `rwkv6_torch_forward.py`);
 `torch-graphs` the same with `KERAS_RWKV_TORCH_STEP_MODE=reduce-overhead`
 said outright; `torch-trace` with `KERAS_RWKV_TORCH_TRAIN_MODE=trace` (the
-training forward traced, not compiled). `--profile`
+training forward traced, not compiled); `torch-train-graphs` with
+`KERAS_RWKV_TORCH_TRAIN_MODE=reduce-overhead` (torch's CUDA graphs). `--profile`
 writes torch profiler tables of one timed call (`profile_*.txt`), and
 where it waits for the GPU (`syncs_*.txt`).
 `--part decode|train` runs one half. Figures: decode tokens/s (greedy,
@@ -41,7 +42,14 @@ from shapes import RWKV6_1B6
 
 DIMS = dict(RWKV6_1B6)
 PROMPT = 16
-RUNS = ("jax", "torch-eager", "torch-jit", "torch-graphs", "torch-trace")
+RUNS = (
+    "jax",
+    "torch-eager",
+    "torch-jit",
+    "torch-graphs",
+    "torch-trace",
+    "torch-train-graphs",
+)
 LOCK = {"path": None}
 
 
@@ -67,6 +75,8 @@ def setup(run):
         os.environ["KERAS_RWKV_TORCH_STEP_MODE"] = "reduce-overhead"
     if run == "torch-trace":
         os.environ["KERAS_RWKV_TORCH_TRAIN_MODE"] = "trace"
+    if run == "torch-train-graphs":
+        os.environ["KERAS_RWKV_TORCH_TRAIN_MODE"] = "reduce-overhead"
 
 
 def sync(x=None):

@@ -136,6 +136,7 @@ def _load_model(args):
         "random": lambda: keras_hub.samplers.RandomSampler(seed=args.seed),
     }[args.sampler]()
     lm.compile(
+        jit_compile=_torch_jit_compile(args),
         sampler=PenaltySampler(
             inner,
             repetition_penalty=args.repetition_penalty,
@@ -144,9 +145,29 @@ def _load_model(args):
             frequency_penalty=args.frequency_penalty,
             penalty_decay=args.penalty_decay,
             temperature=args.temperature,
-        )
+        ),
     )
     return lm
+
+
+def _torch_jit_compile(args):
+    """`--jit-compile` on torch (default: with a CUDA GPU), where it makes
+    `generate` run its compiled step; elsewhere Keras's default."""
+    import keras
+
+    if keras.config.backend() != "torch":
+        return "auto"
+    on = args.jit_compile
+    if on is None:
+        import torch
+
+        on = torch.cuda.is_available()
+    if on:
+        log.warning(
+            "torch: the decoding step compiles at the first token (a minute "
+            "or two); --no-jit-compile decodes eagerly."
+        )
+    return bool(on)
 
 
 def _stream_printer(tokenizer, stop_ids, out):

@@ -185,3 +185,55 @@ def test_state_out_is_checked_before_the_model_loads(preset, tmp_path, capsys):
     args = ["generate", "--preset", preset, "--state-out", str(bad), "Hi"]
     assert main(args) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, gpu, want",
+    [
+        (None, True, True),
+        (None, False, False),
+        (False, True, False),
+        (True, False, True),
+    ],
+)
+def test_jit_compile_on_torch_by_default_with_a_gpu(
+    flag, gpu, want, monkeypatch, caplog
+):
+    """`--jit-compile`: on torch, compiled decoding by default where a CUDA
+    GPU is (eager torch decodes ~50x slower there), with a line saying the
+    first token waits; elsewhere Keras's default."""
+    import argparse
+
+    import keras
+
+    from keras_rwkv.cli import _torch_jit_compile
+
+    args = argparse.Namespace(jit_compile=flag)
+    if keras.config.backend() != "torch":
+        assert _torch_jit_compile(args) == "auto"
+        return
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    with caplog.at_level("WARNING", logger="keras_rwkv"):
+        assert _torch_jit_compile(args) is want
+    assert ("compiles at the first token" in caplog.text) == want
+
+
+def test_jit_compile_flag_parses(preset, capsys):
+    assert (
+        main(
+            [
+                "generate",
+                "--preset",
+                preset,
+                "--max-new-tokens",
+                "2",
+                "--no-jit-compile",
+                *GREEDY,
+                "Hi",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("Hi")

@@ -195,6 +195,42 @@ def test_compiled_mode_trains_like_eager(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_graph_modes_hand_out_copies(monkeypatch):
+    """Under torch's CUDA graphs (the GPU default) a compiled call's
+    outputs are rewritten by the next replay; on the CPU a stand-in
+    program that writes every result into one buffer: `predict` over
+    several batches still keeps each batch's logits, and each call starts
+    a step of torch's graphs."""
+    import torch
+
+    steps = []
+
+    def compile_(fn, **kwargs):
+        assert kwargs["mode"] == "reduce-overhead"
+        buffer = {}
+
+        def run(*args):
+            out = fn(*args)
+            buffer.setdefault("out", torch.empty_like(out)).copy_(out)
+            return buffer["out"]
+
+        return run
+
+    monkeypatch.setenv("KERAS_RWKV_TORCH_TRAIN_MODE", "reduce-overhead")
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(
+        torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1)
+    )
+    x = batch()[0]
+    many = {k: np.concatenate([v, v[::-1]]) for k, v in x.items()}
+    lm, eager = build("state", True), build("state", False)
+    got = lm.predict(many, batch_size=2, verbose=0)
+    np.testing.assert_allclose(
+        got, eager.predict(many, batch_size=2, verbose=0), rtol=1e-5, atol=1e-5
+    )
+    assert len(steps) == 2
+
+
 def test_a_bad_train_mode_is_named(monkeypatch):
     monkeypatch.setenv("KERAS_RWKV_TORCH_TRAIN_MODE", "fastest")
     lm = build("state", True)
@@ -204,13 +240,16 @@ def test_a_bad_train_mode_is_named(monkeypatch):
 
 
 def test_trains_on_a_gpu_like_eager():
-    """On a GPU: inductor's compiled forward and backward, over the CUDA
-    WKV kernel, against eager torch."""
+    """On a GPU (the default mode: inductor's compiled forward and
+    backward replayed as CUDA graphs), over the CUDA WKV kernel, against
+    eager torch; `predict` over several batches keeps each batch's logits
+    (a graph's outputs are rewritten at its next replay)."""
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     x, y, w = batch(length=64)
+    many = {k: np.concatenate([v, v[::-1]]) for k, v in x.items()}
     results = {}
     for jit in (False, True):
         lm = build("state", jit, wkv_kernel="cuda")
@@ -218,7 +257,12 @@ def test_trains_on_a_gpu_like_eager():
             warnings.filterwarnings("error", "keras_rwkv: could not")
             for _ in range(3):
                 loss = lm.train_on_batch(x, y, sample_weight=w)
-        results[jit] = loss, numpy(lm.trainable_variables)
+            logits = lm.predict(many, batch_size=2, verbose=0)
+        results[jit] = loss, numpy(lm.trainable_variables), logits
     np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-4)
     for a, b in zip(results[True][1], results[False][1]):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(
+        results[True][2], results[False][2], rtol=1e-3, atol=1e-3
+    )
+    assert not np.allclose(results[True][2][:2], results[True][2][2:])

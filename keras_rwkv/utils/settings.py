@@ -93,10 +93,11 @@ def torch_train_mode(on_gpu):
     """`KERAS_RWKV_TORCH_TRAIN_MODE`: how torch with `jit_compile=True`
     runs the forward pass of `fit`, `evaluate` and `predict`: "trace"
     (the traced graph as it is; the default on a CPU, where compiling
-    takes minutes) or a torch.compile mode ("default" on a GPU)."""
+    takes minutes) or a torch.compile mode ("reduce-overhead", its CUDA
+    graphs, on a GPU)."""
     value = os.environ.get(TORCH_TRAIN_MODE_ENV_VAR, "").strip().lower()
     if not value:
-        return "default" if on_gpu else "trace"
+        return "reduce-overhead" if on_gpu else "trace"
     if value not in TORCH_TRAIN_MODES:
         raise ValueError(
             f"{TORCH_TRAIN_MODE_ENV_VAR}={value!r}: use one of "
