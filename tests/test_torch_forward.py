@@ -125,7 +125,8 @@ def test_weights_assigned_or_frozen_later_are_seen():
         rtol=1e-5,
         atol=1e-5,
     )
-    # Frozen after the program was built: it gets no update.
+    # Frozen (then compiled again, as Keras asks when what trains
+    # changes): it gets no update, the rest still trains.
     block = lm.backbone.transformer_layers[1]
     block.trainable = False
     lm.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=True)
