@@ -149,7 +149,7 @@ def _add_generation_args(p):
         action=argparse.BooleanOptionalAction,
         default=None,
         help="torch: compile the decoding step (its first token waits a "
-        "minute or two, then decoding runs ~50x faster; default: on with "
+        "minute or two, then decoding runs ~30x faster; default: on with "
         "a CUDA GPU). JAX always compiles",
     )
 

@@ -13,19 +13,10 @@ import pytest
 
 from keras_rwkv import RWKV6Backbone
 from keras_rwkv import RWKV6CausalLM
+from tests.test_torch_step import TINY
 
 pytestmark = pytest.mark.skipif(
     keras.config.backend() != "torch", reason="the torch forward"
-)
-
-TINY = dict(
-    vocabulary_size=300,
-    num_layers=2,
-    hidden_dim=128,
-    intermediate_dim=256,
-    head_size=64,
-    mix_lora_dim=32,
-    decay_lora_dim=64,
 )
 
 

@@ -41,6 +41,17 @@ def flag(name, default=True):
     return value not in FALSE_WORDS
 
 
+def _choice(name, choices, default):
+    """The value of environment variable `name`, lowercased: one of
+    `choices`, `default` when unset, else an error naming them."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: use one of {', '.join(choices)}.")
+    return value
+
+
 STEP_KERNEL_ENV_VAR = "KERAS_RWKV_STEP_KERNEL"
 STEP_KERNELS = ("auto", "cuda", "xla")
 
@@ -50,15 +61,7 @@ def step_kernel():
     kernels (`keras_rwkv.ops.matvec`: the products and the fused pieces):
     "auto" (where they run), "cuda" (them, or an error saying why not) or
     "xla"."""
-    value = os.environ.get(STEP_KERNEL_ENV_VAR, "").strip().lower()
-    if not value:
-        return "auto"
-    if value not in STEP_KERNELS:
-        raise ValueError(
-            f"{STEP_KERNEL_ENV_VAR}={value!r}: use one of "
-            f"{', '.join(STEP_KERNELS)}."
-        )
-    return value
+    return _choice(STEP_KERNEL_ENV_VAR, STEP_KERNELS, "auto")
 
 
 TORCH_STEP_MODE_ENV_VAR = "KERAS_RWKV_TORCH_STEP_MODE"
@@ -74,15 +77,8 @@ def torch_step_mode(on_gpu):
     """`KERAS_RWKV_TORCH_STEP_MODE`: torch.compile's mode for the compiled
     torch decoding step, named as torch names them; by default a CUDA
     graph ("reduce-overhead") on a GPU, else "default"."""
-    value = os.environ.get(TORCH_STEP_MODE_ENV_VAR, "").strip().lower()
-    if not value:
-        return "reduce-overhead" if on_gpu else "default"
-    if value not in TORCH_STEP_MODES:
-        raise ValueError(
-            f"{TORCH_STEP_MODE_ENV_VAR}={value!r}: use one of "
-            f"{', '.join(TORCH_STEP_MODES)}."
-        )
-    return value
+    default = "reduce-overhead" if on_gpu else "default"
+    return _choice(TORCH_STEP_MODE_ENV_VAR, TORCH_STEP_MODES, default)
 
 
 TORCH_TRAIN_MODE_ENV_VAR = "KERAS_RWKV_TORCH_TRAIN_MODE"
@@ -95,15 +91,8 @@ def torch_train_mode(on_gpu):
     (the traced graph as it is; the default on a CPU, where compiling
     takes minutes) or a torch.compile mode ("reduce-overhead", its CUDA
     graphs, on a GPU)."""
-    value = os.environ.get(TORCH_TRAIN_MODE_ENV_VAR, "").strip().lower()
-    if not value:
-        return "reduce-overhead" if on_gpu else "trace"
-    if value not in TORCH_TRAIN_MODES:
-        raise ValueError(
-            f"{TORCH_TRAIN_MODE_ENV_VAR}={value!r}: use one of "
-            f"{', '.join(TORCH_TRAIN_MODES)}."
-        )
-    return value
+    default = "reduce-overhead" if on_gpu else "trace"
+    return _choice(TORCH_TRAIN_MODE_ENV_VAR, TORCH_TRAIN_MODES, default)
 
 
 PRESET_HUB_ENV_VAR = "KERAS_RWKV_PRESET_HUB"
@@ -114,15 +103,7 @@ def preset_hub():
     """`KERAS_RWKV_PRESET_HUB`: the hub named presets are fetched from
     ("modelscope" or "huggingface"), or None (ModelScope, else Hugging
     Face when ModelScope cannot be reached)."""
-    value = os.environ.get(PRESET_HUB_ENV_VAR, "").strip().lower()
-    if not value:
-        return None
-    if value not in PRESET_HUBS:
-        raise ValueError(
-            f"{PRESET_HUB_ENV_VAR}={value!r}: use one of "
-            f"{', '.join(PRESET_HUBS)}."
-        )
-    return value
+    return _choice(PRESET_HUB_ENV_VAR, PRESET_HUBS, None)
 
 
 KEEP_DOWNLOADS_ENV_VAR = "KERAS_RWKV_KEEP_DOWNLOADS"
