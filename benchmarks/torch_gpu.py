@@ -27,7 +27,8 @@ where it waits for the GPU (`syncs_*.txt`).
 a warm-up that compiles), the first call's seconds, the first 32 tokens
 (prompt and greedy output, to compare runs), and the state-tuning step
 (WKV + token-shift states, Adam, context 1024, batch 1) time and peak GPU
-memory.
+memory; `--tune lora|full` times rank-8 LoRA or a full fine-tune instead
+(one per process, keys `lora_*`, `full_*`).
 """
 
 import argparse
@@ -102,7 +103,9 @@ def median_time(fn, repeats):
     return sorted(times)[len(times) // 2]
 
 
-def build(run, train=False):
+def build(run, train=None):
+    """`train`: None for decoding, else what trains: "state" (the WKV and
+    token-shift states), "lora" (rank-8 LoRA) or "full" (every weight)."""
     import keras
 
     from keras_rwkv import RWKV6Backbone
@@ -113,8 +116,11 @@ def build(run, train=False):
     jit = {"jit_compile": True} if run.startswith("torch-") else {}
     if run == "torch-eager":
         jit = {}
-    if train:
+    if train == "state":
         lm.enable_state_tuning(time_shift=True)
+    elif train == "lora":
+        lm.backbone.enable_lora(8)
+    if train:
         lm.compile(optimizer=keras.optimizers.Adam(1e-3), **jit)
     else:
         lm.compile(sampler="greedy", **jit)
@@ -247,13 +253,15 @@ def prepare_decode(run, new, repeats, batches, out_dir=None):
     return result, timed
 
 
-def prepare_train(run, steps, context, out_dir=None):
-    """Builds and warms up (compiles) the state-tuning step; returns
-    `(result, timed)` like `prepare_decode`."""
+def prepare_train(run, steps, context, tune="state", out_dir=None):
+    """Builds and warms up (compiles) a training step (`tune` as in
+    `build`); returns `(result, timed)` like `prepare_decode`. Its keys
+    start `train_` for state tuning, else `lora_` or `full_`."""
     import keras
     import numpy as np
 
-    lm = build(run, train=True)
+    lm = build(run, train=tune)
+    key = "train" if tune == "state" else tune
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 65529, (1, context + 1))
     x = {
@@ -264,7 +272,10 @@ def prepare_train(run, steps, context, out_dir=None):
     start = time.perf_counter()
     loss = lm.train_on_batch(x, y)[0]
     sync()
-    result = {"train_first_s": time.perf_counter() - start, "train_loss": loss}
+    result = {
+        f"{key}_first_s": time.perf_counter() - start,
+        f"{key}_loss": loss,
+    }
 
     def timed():
         step = median_time(lambda: lm.train_on_batch(x, y), steps)
@@ -281,11 +292,25 @@ def prepare_train(run, steps, context, out_dir=None):
 
             stats = jax.devices()[0].memory_stats() or {}
             peak = stats.get("peak_bytes_in_use", 0)
-        result.update(train_step_ms=step * 1e3, train_peak_gib=peak / 2**30)
+        result[f"{key}_step_ms"] = step * 1e3
+        result[f"{key}_peak_gib"] = peak / 2**30
+        # The same step in `fit` (Keras's own loop over ready arrays; its
+        # logs are read on another thread, not after every step).
+        rows = {k: np.repeat(v, steps, axis=0) for k, v in x.items()}
+        fit = lambda: keras.Model.fit(  # noqa: E731
+            lm, rows, np.repeat(y, steps, axis=0), batch_size=1, verbose=0
+        )
+        fit()  # Keras builds its loop once
+        start = time.perf_counter()
+        fit()
+        sync()
+        result[f"{key}_fit_step_ms"] = (
+            (time.perf_counter() - start) / steps * 1e3
+        )
         if out_dir:
             train = lambda: lm.train_on_batch(x, y)  # noqa: E731
-            profile(train, out_dir, f"profile_train_{run}")
-            find_syncs(train, out_dir, f"syncs_train_{run}")
+            profile(train, out_dir, f"profile_{key}_{run}")
+            find_syncs(train, out_dir, f"syncs_{key}_{run}")
 
     return result, timed
 
@@ -338,6 +363,13 @@ def summary(out_dir):
         "train_peak_gib",
         "train_first_s",
         "train_loss",
+        "train_fit_step_ms",
+        "lora_step_ms",
+        "lora_fit_step_ms",
+        "lora_peak_gib",
+        "full_step_ms",
+        "full_peak_gib",
+        "full_fit_step_ms",
     )
     print("| run | " + " | ".join(keys) + " | greedy = torch eager (of 32) |")
     print("|---" * (len(keys) + 2) + "|")
@@ -368,6 +400,12 @@ def main():
     parser.add_argument("--barrier", help="DIR:N, see barrier()")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test")
     parser.add_argument(
+        "--tune",
+        choices=("state", "lora", "full"),
+        default="state",
+        help="what the train part trains",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="torch profiler tables"
     )
     args = parser.parse_args()
@@ -376,6 +414,7 @@ def main():
         summary(args.out)
         return
     setup(args.run)
+    os.makedirs(args.out, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
     if args.tiny:
         DIMS.update(num_layers=2, hidden_dim=128, intermediate_dim=256)
@@ -389,7 +428,9 @@ def main():
         )
     if part in ("train", "both"):
         prepared.append(
-            prepare_train(args.run, args.steps, args.context, profiled)
+            prepare_train(
+                args.run, args.steps, args.context, args.tune, profiled
+            )
         )
     barrier(args.barrier)
     with gpu_turn():

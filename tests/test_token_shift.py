@@ -6,6 +6,7 @@ import pytest
 from keras import ops
 
 from keras_rwkv.models.rwkv6 import rwkv6_token_shift
+from keras_rwkv.models.rwkv6.rwkv6_token_shift import mask_contiguous
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import runs_contiguous
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import shift_indices
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import token_shift
@@ -88,6 +89,32 @@ def test_runs_contiguous_and_both_branches_agree(pattern):
     for contiguous in branches:
         previous, _ = token_shift(x, state, prev_index, last_index, contiguous)
         np.testing.assert_allclose(ops.convert_to_numpy(previous), want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_mask_alone_tells_contiguity_like_the_indices(seed):
+    """`mask_contiguous` (torch's training step asks it) agrees with
+    `runs_contiguous` over `shift_indices` on random masks: runs, holes,
+    empty and full rows, one row at a time and in batches."""
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        batch, length = rng.integers(1, 4), rng.integers(1, 12)
+        mask = np.zeros((batch, length), "int32")
+        for row in mask:
+            kind = rng.integers(4)
+            if kind == 0:  # random holes
+                row[:] = rng.random(length) < 0.6
+            elif kind > 1:  # one run, anywhere (kind 1: empty)
+                start = rng.integers(length)
+                row[start : rng.integers(start, length) + 1] = 1
+        want = runs_contiguous(*shift_indices(mask), length)
+        got = mask_contiguous(mask * rng.integers(1, 5))  # any nonzero
+        assert bool(ops.convert_to_numpy(got)) == bool(
+            ops.convert_to_numpy(want)
+        ), mask
+    for pattern, rows in MASKS.items():
+        got = mask_contiguous(np.array(rows, "int32"))
+        assert bool(ops.convert_to_numpy(got)) == (pattern != "interior")
 
 
 def test_a_forward_pass_tests_contiguity_once(monkeypatch):

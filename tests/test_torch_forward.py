@@ -249,7 +249,10 @@ def test_trains_on_a_gpu_like_eager():
             warnings.filterwarnings("error", "keras_rwkv: could not")
             for _ in range(3):
                 loss = lm.train_on_batch(x, y, sample_weight=w)
-            logits = lm.predict(many, batch_size=2, verbose=0)
+            # Keras's own loop over ready inputs: KerasHub's `predict` adds
+            # only the batching, through grain or tf.data, which a bare GPU
+            # image may lack.
+            logits = keras.Model.predict(lm, many, batch_size=2, verbose=0)
         results[jit] = loss, numpy(lm.trainable_variables), logits
     np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-4)
     for a, b in zip(results[True][1], results[False][1]):

@@ -77,6 +77,21 @@ def runs_contiguous(prev_index, last_index, length):
     return flag
 
 
+def mask_contiguous(padding_mask):
+    """`runs_contiguous(*shift_indices(padding_mask), T)` from the mask
+    alone, in a handful of ops rather than a scan: a row is one run when
+    its mask rises from 0 to 1 at most once (counting a 0 before it). On
+    torch this is host work before a training step's forward pass, while
+    the device waits; the answer is a Python bool there too."""
+    mask = ops.cast(ops.cast(padding_mask, "bool"), "int32")
+    before = ops.concatenate([ops.zeros_like(mask[:, :1]), mask[:, :-1]], 1)
+    rises = ops.sum(ops.cast(ops.greater(mask, before), "int32"), axis=1)
+    flag = ops.all(ops.less_equal(rises, ops.ones_like(rises)))
+    if keras.config.backend() == "torch":
+        return bool(flag)
+    return flag
+
+
 def token_shift(x, shift_state, prev_index, last_index, contiguous=None):
     """The previous-token input of every position, and the new shift state.
 

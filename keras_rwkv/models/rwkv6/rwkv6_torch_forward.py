@@ -30,8 +30,7 @@ import contextlib
 import keras
 
 from keras_rwkv.models.rwkv6.rwkv6_compiled import variables_mark
-from keras_rwkv.models.rwkv6.rwkv6_token_shift import runs_contiguous
-from keras_rwkv.models.rwkv6.rwkv6_token_shift import shift_indices
+from keras_rwkv.models.rwkv6.rwkv6_token_shift import mask_contiguous
 from keras_rwkv.models.rwkv6.rwkv6_torch_step import EAGER
 from keras_rwkv.models.rwkv6.rwkv6_torch_step import compiling
 from keras_rwkv.models.rwkv6.rwkv6_torch_step import export
@@ -55,9 +54,7 @@ def torch_forward(lm, inputs):
     token_ids = keras.ops.convert_to_tensor(inputs["token_ids"], "int32")
     padding_mask = keras.ops.convert_to_tensor(inputs["padding_mask"], "int32")
     length = token_ids.shape[1]
-    contiguous = length == 1 or runs_contiguous(
-        *shift_indices(padding_mask), length
-    )
+    contiguous = length == 1 or mask_contiguous(padding_mask)
     mark = variables_mark(lm)
     variables = _weights(lm, mark)
     key = (
