@@ -128,6 +128,28 @@ def test_ids_decode_as_trie_from_lists_and_arrays(tokenizer, reference, dtype):
     )
 
 
+@pytest.mark.parametrize("longest", [8, 16, 128])
+def test_ids_of_short_and_long_tokens_decode_as_trie(
+    tokenizer, reference, longest
+):
+    """Ids whose tokens are all up to 8, up to 16 bytes, or longer (each
+    decodes its own way: fixed-width rows or the general gather), with
+    ids that give nothing among them, against TRIE."""
+    rng = np.random.default_rng(longest)
+    known = [i for i, t in reference.idx2token.items() if len(t) <= longest]
+    top = [i for i in known if len(reference.idx2token[i]) > longest // 2]
+    picked = rng.choice(known, 3000).tolist() + rng.choice(top, 5).tolist()
+    rng.shuffle(picked)
+    want = reference.decodeBytes(picked)
+    with_empty = picked[:100] + [0, 65533] + picked[100:] + [0]
+    assert tokenizer.ids_to_bytes(with_empty) == want
+    assert tokenizer.ids_to_bytes(np.array(with_empty, "uint16")) == want
+    assert tokenizer.ids_to_bytes([0, 65535]) == b""
+    assert tokenizer.ids_to_bytes(picked[:1]) == reference.decodeBytes(
+        picked[:1]
+    )
+
+
 def test_bad_ids_in_arrays_are_named(tokenizer):
     with pytest.raises(ValueError, match="Token id -3 is out of range"):
         tokenizer.detokenize(np.array([[5, -3]], "int32"))

@@ -11,8 +11,10 @@ every input the tests try). Around it:
   `ahocorasick_rs`'s leftmost-longest matcher, which is exactly greedy
   longest match because every single byte is a token; it is built on
   first need;
-- decoding gathers each id's bytes from one flat table with numpy (ids
-  checked there too); an integer array is used as it is.
+- decoding gathers each id's bytes with numpy (ids checked there too):
+  where every token of the call has at most 16 bytes (all but 221 of the
+  vocabulary), as fixed-width rows then compacted, else from one flat
+  table; an integer array is used as it is.
 """
 
 import array as pyarray
@@ -58,6 +60,11 @@ class WorldEncoder:
         self._offsets = (np.cumsum(self._lengths) - self._lengths).astype(
             np.int32
         )
+        # Every token of up to 8 (or 16) bytes as one fixed-width row, and
+        # which of its bytes are real: decoding ids whose tokens all fit is
+        # two row gathers and one compaction, ~2x quicker than the general
+        # gather below.
+        self._rows = {w: _fixed_width(self, w) for w in (8, 16)}
         self._rust = _rust_matcher(tokens, path)
         self._bytes_matcher = None
 
@@ -128,7 +135,14 @@ class WorldEncoder:
         ids outside 0..65535 or not whole numbers, `TypeError` for what is
         not a number."""
         array = _id_array(ids)
+        if array.size == 0:
+            return b""
         lengths = self._lengths[array]
+        longest = lengths.max()
+        for width, (rows, real) in self._rows.items():
+            if longest <= width:
+                data = np.take(rows, array).view(np.uint8)
+                return data[np.take(real, array).view(np.bool_)].tobytes()
         if not lengths.all():  # drop ids that give nothing
             given = lengths > 0
             array, lengths = array[given], lengths[given]
@@ -148,6 +162,19 @@ class WorldEncoder:
         step[ends[:-1]] = jumps
         place = np.cumsum(step, dtype=np.intp)
         return self._flat[place].tobytes()
+
+
+def _fixed_width(encoder, width):
+    """`(rows, real)`: each id's token in `width` bytes (cut where longer)
+    and which of them are the token's, both as numpy `V{width}` items, so
+    that a gather copies whole rows."""
+    lengths = encoder._lengths[:, None]
+    real = np.arange(width, dtype=np.int32)[None, :] < lengths
+    places = encoder._offsets[:, None] + np.arange(width, dtype=np.int32)
+    rows = np.zeros(real.shape, np.uint8)
+    rows[real] = encoder._flat[places[real]]
+    kind = f"V{width}"
+    return rows.view(kind).reshape(-1), real.view(kind).reshape(-1)
 
 
 def _id_array(ids):
