@@ -10,7 +10,12 @@ prompt is new (read whole) against one whose system prompt is cached (only
 the new message read), each median of several distinct prompts.
 
     python3 benchmarks/serve_gpu.py --out $OUT
+    python3 benchmarks/serve_gpu.py --backend torch --out $OUT
     python3 benchmarks/serve_gpu.py --tiny     # a CPU smoke test
+
+On torch the model is compiled with `jit_compile=True` (the engine then
+decodes through `generate`'s compiled step, as `keras-rwkv serve` does
+where a GPU is); `--profile` is JAX's only.
 """
 
 import argparse
@@ -217,14 +222,17 @@ def profile_engine(engine, clients, new):
 def generate_anchor(lm, new, batches):
     """`lm.generate` tokens/s at each batch (one call, `new` tokens per
     row, the same top_p sampler), median of 3 after a warm-up: what the
-    model decodes without a server."""
+    model decodes without a server. Run before the server starts, and the
+    sampler left in place (the engine samples with its own), so that the
+    engine reuses the step programs built here (a `compile` drops them:
+    on torch each is minutes of inductor for the 1.6B)."""
     import numpy as np
     from timing import median_seconds
 
     from keras_rwkv.serve import Sampling
     from keras_rwkv.serve import make_sampler
 
-    lm.compile(sampler=make_sampler(Sampling(top_p=0.9, seed=0)))
+    lm.compile(sampler=make_sampler(Sampling(top_p=0.9, seed=0)), **JIT)
     rates = {}
     for batch in batches:
         ids = np.random.default_rng(0).integers(1, 60000, (batch, 40))
@@ -234,8 +242,24 @@ def generate_anchor(lm, new, batches):
             lm.generate(inputs, max_new_tokens=new, stop_token_ids=None)
 
         rates[batch] = batch * new / median_seconds(gen, 3)
-    lm.compile(sampler="greedy")
     return rates
+
+
+JIT = {}  # {"jit_compile": True} on torch
+
+
+def device_kind():
+    import keras
+
+    if keras.config.backend() == "torch":
+        import torch
+
+        return (
+            torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        )
+    import jax
+
+    return str(jax.devices()[0].device_kind)
 
 
 def main():
@@ -253,9 +277,11 @@ def main():
         help="client counts to profile the engine at (e.g. 1,32), after "
         "the load levels",
     )
+    parser.add_argument("--backend", choices=("jax", "torch"))
     args = parser.parse_args()
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("KERAS_BACKEND", "jax")
-    import jax
     import keras
     import uvicorn
 
@@ -274,6 +300,12 @@ def main():
     backbone = RWKV6Backbone(**shapes, dtype=dtype)
     preprocessor = RWKV6CausalLMPreprocessor(RWKV6Tokenizer())
     lm = RWKV6CausalLM(backbone, preprocessor)
+    if keras.config.backend() == "torch":
+        JIT["jit_compile"] = True
+        if args.profile:
+            parser.error("--profile is JAX's only")
+    levels = [int(x) for x in args.levels.split(",")]
+    generate_tok_s = generate_anchor(lm, args.new, levels)
     engine = Engine(lm, max_batch=args.max_batch, max_queue=256)
     model = "rwkv6-1b6-random"
     app = create_app(engine, model, request_timeout=3600)
@@ -287,9 +319,12 @@ def main():
     while not server.started:
         time.sleep(0.1)
 
-    result = {"device": str(jax.devices()[0].device_kind), "new": args.new}
-    levels = [int(x) for x in args.levels.split(",")]
-    result["generate_tok_s"] = generate_anchor(lm, args.new, levels)
+    result = {
+        "device": device_kind(),
+        "backend": keras.config.backend(),
+        "new": args.new,
+        "generate_tok_s": generate_tok_s,
+    }
     # Warm-up: compiles the step (every batch mix runs the same program)
     # and the prompt reads of the lengths used below.
     load_level(port, 2, 1, 4, model)
@@ -318,9 +353,13 @@ def main():
     ]
     server.should_exit = True
     print(json.dumps(result, indent=1))
-    with open(os.path.join(args.out, "serve_gpu.json"), "w") as f:
+    name = f"serve_gpu_{result['backend']}.json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\n# {result['device']}, {args.new} new tokens a request")
+    print(
+        f"\n# {result['device']}, {result['backend']}, {args.new} new tokens "
+        "a request"
+    )
     print(
         "| clients | requests/s | tokens/s | lm.generate at that batch "
         "(anchor) | TTFT median | engine ms/step: admit, step, pick, emit |"

@@ -150,9 +150,10 @@ def _load_model(args):
     return lm
 
 
-def _torch_jit_compile(args):
+def _torch_jit_compile(args, wait="the first token waits for"):
     """`--jit-compile` on torch (default: with a CUDA GPU), where it makes
-    `generate` run its compiled step; elsewhere Keras's default."""
+    `generate` (and the server) run its compiled step; elsewhere Keras's
+    default."""
     import keras
 
     if keras.config.backend() != "torch":
@@ -164,8 +165,9 @@ def _torch_jit_compile(args):
         on = torch.cuda.is_available()
     if on:
         log.warning(
-            "torch: the decoding step compiles at the first token (a minute "
-            "or two); --no-jit-compile decodes eagerly."
+            "torch: the decoding step compiles first (%s it: a minute or "
+            "two); --no-jit-compile decodes eagerly.",
+            wait,
         )
     return bool(on)
 
@@ -358,6 +360,8 @@ def _serve(args):
     except ImportError as e:
         raise CommandError(str(e)) from None
     lm = _load_preset(args)
+    if _torch_jit_compile(args, "the server starts after") is True:
+        lm.compile(sampler="greedy", jit_compile=True)
     name = args.model_name or os.path.basename(args.preset.rstrip("/"))
     server.serve(
         lm,

@@ -144,13 +144,17 @@ def _add_generation_args(p):
         help="random seed, for repeatable sampling (default: a new one "
         "each run)",
     )
+    _add_jit_compile_arg(p, "its first token waits")
+
+
+def _add_jit_compile_arg(p, wait):
     p.add_argument(
         "--jit-compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="torch: compile the decoding step (its first token waits a "
-        "minute or two, then decoding runs ~30x faster; default: on with "
-        "a CUDA GPU). JAX always compiles",
+        help=f"torch: compile the decoding step ({wait} a minute or two, "
+        "then decoding runs ~30x faster; default: on with a CUDA GPU). JAX "
+        "always compiles",
     )
 
 
@@ -320,6 +324,7 @@ def _add_serve_command(p, handler):
         help="seconds a request may wait and run; then it ends (504, or "
         "finish_reason 'timeout' when streaming)",
     )
+    _add_jit_compile_arg(p, "the server starts")
     p.set_defaults(func=handler)
 
 

@@ -8,6 +8,12 @@ from the longest cached prefix on), is sampled row by row with its own
 sampler, and frees the slot when it ends (stop token, stop string, its
 token budget, a timeout, or its client gone). An idle slot is fed a pad,
 which leaves its state as it is: one program serves every batch mix.
+
+The step program is built, and run once over idle slots, before the first
+request is taken, so no client waits for a compile. On torch with
+`jit_compile=True` it is `generate`'s compiled decoding step (on a GPU a
+CUDA graph; `rwkv6_torch_step.py`); eager torch runs each step as
+thousands of Keras ops, ~30x slower on a GPU.
 """
 
 import functools
@@ -22,6 +28,8 @@ from keras import ops
 
 from keras_rwkv.models.rwkv6.rwkv6_decoding import _picker
 from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
+from keras_rwkv.models.rwkv6.rwkv6_torch_step import compiling
+from keras_rwkv.models.rwkv6.rwkv6_torch_step import step_function
 from keras_rwkv.serve.chat import StopText
 from keras_rwkv.serve.row_picker import RowPicker
 from keras_rwkv.serve.state_cache import StateCache
@@ -145,11 +153,18 @@ class Engine:
             self.lm.compile(sampler="greedy")
         state = self.lm.backbone.initial_state(self.max_batch)
         self._layers = state.layers()
-        # The served weights do not change: read them once.
-        self._step_program = self.lm._compiled(
-            ("serve", "step", self.max_batch),
-            functools.partial(_step, self.lm),
-            frozen_weights=True,
+        if compiling(self.lm):
+            self._step_program = _torch_step(self.lm)
+        else:  # the served weights do not change: read them once
+            self._step_program = self.lm._compiled(
+                ("serve", "step", self.max_batch),
+                functools.partial(_step, self.lm),
+                frozen_weights=True,
+            )
+        start = time.perf_counter()
+        _, self._layers = self._step_program(self._fed, self._layers)
+        log.info(
+            "the decoding step is ready (%.1f s)", time.perf_counter() - start
         )
         self._thread = threading.Thread(
             target=self._run, name="keras-rwkv-engine", daemon=True
@@ -359,6 +374,26 @@ def _step(lm, fed, layers):
         ops.maximum(fed, 0), ops.cast(fed >= 0, "int32"), layers
     )
     return logits[:, 0], layers
+
+
+def _torch_step(lm):
+    """`_step` through `generate`'s compiled torch step. The state it
+    returns is the program's own buffers: the engine hands them back at
+    the next step (a slot's new state, made by `_insert`, is copied in)."""
+    import torch
+
+    step = step_function(lm)
+
+    def run(fed, layers):
+        # The pads and the mask made on the host: a number given to a
+        # torch op on a GPU is a copy to it and a wait.
+        ids = ops.convert_to_tensor(np.maximum(fed, 0), "int32")
+        mask = ops.convert_to_tensor((fed >= 0).astype("int32"))
+        with torch.no_grad():
+            logits, _, layers = step(ids, mask, layers)
+        return logits[:, 0], layers
+
+    return run
 
 
 def _jit(fn):
