@@ -375,3 +375,26 @@ def test_a_backbone_quantized_later_gets_a_new_program():
     close(step(ids, mask, layers)[0], want)
     programs = [k for k in lm._compiled_functions if k[0] == "torch_step"]
     assert len(programs) == 2
+
+
+def test_beam_search_decodes_through_the_program_like_eager(lm):
+    """Beam search (KerasHub's own loop, the state reordered by beam each
+    step) through the compiled step: the same beams as eagerly, with
+    `return_state` too."""
+    from keras_hub.samplers import BeamSampler
+
+    ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]], "int32")
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    outputs = {}
+    for jit in (False, True):
+        lm.compile(sampler=BeamSampler(num_beams=3), jit_compile=jit)
+        outputs[jit] = lm.generate(
+            inputs, max_new_tokens=6, stop_token_ids=None, return_state=True
+        )
+    programs = [k for k in lm._compiled_functions if k[0] == "torch_step"]
+    assert [k[1] for k in programs] == [(6, 1)]  # 2 rows x 3 beams
+    (eager, eager_state), (got, got_state) = outputs[False], outputs[True]
+    np.testing.assert_array_equal(got["token_ids"], eager["token_ids"])
+    np.testing.assert_array_equal(got["padding_mask"], eager["padding_mask"])
+    close(got_state.wkv, eager_state.wkv)
+    close(got_state.shift, eager_state.shift)

@@ -29,6 +29,7 @@ from keras import ops
 from keras_hub.samplers import Sampler
 
 from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
+from keras_rwkv.models.rwkv6.rwkv6_torch_step import compiling
 from keras_rwkv.models.rwkv6.rwkv6_torch_step import step_function
 from keras_rwkv.samplers.penalty_sampler import PenaltySampler
 
@@ -210,13 +211,20 @@ def sampler_loop(lm, tokens, state, row_end, prompt_len, stop_ids):
     row_end = ops.cast(row_end, "int32")[:, None]
     protected = ops.logical_or(columns < prompt_len, columns >= row_end)
 
+    # On torch with `jit_compile=True`, the compiled decoding step, which
+    # carries the state as its per-layer list (the beams' reordering makes
+    # it a new one each step: copied into the program's buffers).
+    step = step_function(lm)
+    if compiling(lm) and isinstance(state, RWKV6State):
+        state = state.layers()
+
     def next(tokens, state, index):
         rows = ops.shape(tokens)[0]
         fed = ops.slice(tokens, [0, index - 1], [rows, 1])
-        logits, hidden, state = lm.call_with_state(
+        logits, hidden, state = step(
             ops.maximum(fed, 0), ops.cast(fed >= 0, "int32"), state
         )
-        return logits[:, 0], hidden[:, 0], state
+        return logits[:, 0], None if hidden is None else hidden[:, 0], state
 
     return lm.sampler(
         next=next,
