@@ -101,6 +101,41 @@ def test_one_program_per_shape_and_mask_form():
     assert [k[-1] for k in programs(fresh)] == [False]  # not contiguous
 
 
+def test_a_smaller_last_batch_runs_the_program_padded():
+    """`fit` over 5 rows in batches of 2: the last batch (1 row) runs the
+    batch-2 program padded, no program of its own, and trains, evaluates
+    and predicts as eager torch does."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(1, 300, (5, 11)).astype("int32")
+    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones((5, 10), "int32")}
+    x["padding_mask"][4, 7:] = 0  # the lone last row right-padded
+    y = ids[:, 1:]
+    results = {}
+    for jit in (False, True):
+        lm = build("state", jit)
+        history = keras.Model.fit(
+            lm, x, y, batch_size=2, epochs=2, shuffle=False, verbose=0
+        )
+        logits = keras.Model.predict(lm, x, batch_size=2, verbose=0)
+        loss = keras.Model.evaluate(lm, x, y, batch_size=2, verbose=0)
+        results[jit] = (
+            history.history["loss"],
+            numpy(lm.trainable_variables),
+            logits,
+            loss,
+        )
+        if jit:
+            assert [k[1] for k in programs(lm)] == [(2, 10)]
+    (e_hist, e_vars, e_logits, e_loss) = results[False]
+    (j_hist, j_vars, j_logits, j_loss) = results[True]
+    np.testing.assert_allclose(j_hist, e_hist, rtol=1e-5)
+    for got, want in zip(j_vars, e_vars):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(j_logits, e_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(j_loss, e_loss, rtol=1e-5)
+    assert j_logits.shape == (5, 10, 300)
+
+
 def test_weights_assigned_or_frozen_later_are_seen():
     x, y, _ = batch()
     lm, eager = build("full", True), build("full", False)

@@ -20,6 +20,9 @@ Whether each row's tokens are one run (which picks the token shift's
 form) is read from the mask before the program runs: one wait for the
 device a step, and a program for each answer.
 
+A batch with fewer rows than one already compiled for (an epoch's last)
+runs through that program, padded with rows of pads.
+
 Where tracing or compiling fails, the forward runs eagerly with one
 warning. LoRA, state tuning and quantizing (on the task or the backbone)
 make new programs; so does `compile`.
@@ -64,16 +67,23 @@ def torch_forward(lm, inputs):
         mark,
         contiguous,
     )
+    pad = 0
     if key not in lm._compiled_functions:
-        lm._compiled_functions[key] = _build(
-            lm, variables, token_ids, padding_mask, contiguous
-        )
+        larger = _larger_batch(lm, key)
+        if larger is None:
+            lm._compiled_functions[key] = _build(
+                lm, variables, token_ids, padding_mask, contiguous
+            )
+        else:
+            key, pad = larger, larger[1][0] - token_ids.shape[0]
+            token_ids, padding_mask = _pad_rows(token_ids, padding_mask, pad)
     program = lm._compiled_functions[key]
     if program is not EAGER:
         try:
-            return program(
+            logits = program(
                 [v.value for v in variables], token_ids, padding_mask
             )
+            return logits[: logits.shape[0] - pad]
         except Exception as error:  # torch.compile compiles at a first call
             lm._compiled_functions[key] = EAGER
             warn_eager(error, "forward pass")
@@ -116,6 +126,45 @@ def flat_for_torch_loss(y, y_pred, sample_weight):
     if sample_weight is not None:
         sample_weight = ops.reshape(sample_weight, (-1,))
     return y, y_pred, sample_weight
+
+
+def _larger_batch(lm, key):
+    """The key of a program for the same length, mask form and variables
+    but more rows, or None. An epoch's last batch is often smaller: it
+    runs through that program, padded with rows of pads, rather than wait
+    minutes for a compile of its own (rows never mix, so the real rows'
+    logits are the same)."""
+    _, shape, mask_shape, *rest = key
+    if shape[0] != mask_shape[0]:
+        return None
+    for other in lm._compiled_functions:
+        if (
+            other[0] == "torch_forward"
+            and list(other[3:]) == rest
+            and other[1][1:] == shape[1:]
+            and other[2][1:] == mask_shape[1:]
+            and other[1][0] == other[2][0] > shape[0]
+            and lm._compiled_functions[other] is not EAGER
+        ):
+            return other
+    return None
+
+
+def _pad_rows(token_ids, padding_mask, pad):
+    """`pad` rows of pads (id 0, mask 0) after the batch's own."""
+    import torch
+
+    return (
+        torch.cat(
+            [token_ids, token_ids.new_zeros((pad, *token_ids.shape[1:]))]
+        ),
+        torch.cat(
+            [
+                padding_mask,
+                padding_mask.new_zeros((pad, *padding_mask.shape[1:])),
+            ]
+        ),
+    )
 
 
 def _weights(lm, mark):
