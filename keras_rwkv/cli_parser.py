@@ -144,17 +144,16 @@ def _add_generation_args(p):
         help="random seed, for repeatable sampling (default: a new one "
         "each run)",
     )
-    _add_jit_compile_arg(p, "its first token waits")
+    _add_jit_compile_arg(p, "its first token waits a minute or two")
 
 
-def _add_jit_compile_arg(p, wait):
+def _add_jit_compile_arg(p, delay):
     p.add_argument(
         "--jit-compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"torch: compile the decoding step ({wait} a minute or two, "
-        "then decoding runs ~30x faster; default: on with a CUDA GPU). JAX "
-        "always compiles",
+        help=f"torch: compile the decoding step ({delay}, then decoding "
+        "runs ~30x faster; default: on with a CUDA GPU). JAX always compiles",
     )
 
 
@@ -324,7 +323,7 @@ def _add_serve_command(p, handler):
         help="seconds a request may wait and run; then it ends (504, or "
         "finish_reason 'timeout' when streaming)",
     )
-    _add_jit_compile_arg(p, "the server starts")
+    _add_jit_compile_arg(p, "the server starts a minute or two later")
     p.set_defaults(func=handler)
 
 
