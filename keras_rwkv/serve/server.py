@@ -56,8 +56,8 @@ def serve(
     )
     app = create_app(engine, model_name, **app_kwargs)
     log.warning(
-        "serving %s on http://%s:%d/v1 (OpenAI API; %d slots, "
-        "state cache %d MiB)",
+        "serving %s on http://%s:%d/v1 once its decoding step is built "
+        "(OpenAI API; %d slots, state cache %d MiB)",
         model_name,
         host,
         port,
