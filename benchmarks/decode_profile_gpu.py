@@ -23,6 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from gpu_profile import copy_rate  # noqa: E402
 from shapes import RWKV6_1B6  # noqa: E402
 
 # name: (extra XLA flags, quantization mode or None, environment); the
@@ -43,6 +44,11 @@ VARIANTS = {
     ),
     "int8": ("", "int8", {}),
     "int8_weights": ("", "int8_weights", {}),
+    "int8_weights_xla": (
+        "",
+        "int8_weights",
+        {"KERAS_RWKV_STEP_KERNEL": "xla"},
+    ),
     "int4": ("", "int4", {}),
 }
 PROMPT = 16
@@ -158,6 +164,7 @@ def summary(out_dir, bandwidth):
         print("no results")
         return
     print(f"# card: {rows[0]['device']}, jax {rows[0]['jax']}")
+    bandwidth = copy_rate(rows[0]["device"], bandwidth)
     batches = sorted(
         {
             int(k[1:].split("_")[0])
@@ -217,7 +224,9 @@ def main():
     parser.add_argument("--profile-new", type=int, default=32)
     parser.add_argument("--profile-batches", default="1")
     parser.add_argument("--batches", default="1,8,64")
-    parser.add_argument("--bandwidth", type=float, default=4.3e12)
+    parser.add_argument(
+        "--bandwidth", type=float, help="bytes/s; default: the card's"
+    )
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     if args.summary:

@@ -10,6 +10,7 @@ import glob
 import gzip
 import json
 import os
+import sys
 import tempfile
 
 # Substrings of kernel names (lower case), first match wins.
@@ -20,6 +21,28 @@ KINDS = (
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_")),
     ("copy", ("memcpy", "memset")),
 )
+
+
+# What each card copies at (bytes/s, measured device-to-device copies:
+# benchmarks/RESULTS.md), the ceiling the decode and matvec scripts report
+# against; `--bandwidth` overrides it.
+COPY_RATE = {"H100": 3.0e12, "H200": 4.3e12}
+
+
+def copy_rate(device_kind, given=None):
+    """`given` if set, else the copy rate of the card named `device_kind`
+    (4.3e12 for one not in `COPY_RATE`, with a note on stderr)."""
+    if given:
+        return given
+    for card, rate in COPY_RATE.items():
+        if card in device_kind:
+            return rate
+    print(
+        f"no copy rate known for {device_kind!r}: using 4.3e12 bytes/s; "
+        "give the card's with --bandwidth",
+        file=sys.stderr,
+    )
+    return 4.3e12
 
 
 def kind_of(name):

@@ -4,9 +4,11 @@ launch, on one GPU (JAX): the matrices of a RWKV6 1.6B step.
 Each case chains `--chain` launches in one jitted program (each depends on
 the one before), profiles one run and reports per launch: kernel time,
 effective time (the chain's span / launches, so gaps count), the weight
-bytes read and the bandwidth that makes, against `--bandwidth`.
+bytes read and the bandwidth that makes, against `--bandwidth`. The chain
+cycles through enough distinct copies of the weights (`--working-set`
+bytes) that they come from memory, not from the L2 cache, as in a model.
 
-    python3 benchmarks/matvec_gpu.py --out $OUT
+    python3 benchmarks/matvec_gpu.py --out $OUT [--label new]
 """
 
 import argparse
@@ -59,13 +61,20 @@ def xla_call(jnp, kind, flat, group):
 
 
 def chained(jax, jnp, call, copies):
+    """One program of `copies` launches; launch i reads weight set
+    i % len(sets)."""
+
     @jax.jit
-    def run(flat):
+    def run(sets):
         acc = jnp.zeros((), jnp.float32)
-        for _ in range(copies):
+        for i in range(copies):
+            flat = sets[i % len(sets)]
             x0 = flat[0] + (acc * 1e-9).astype(flat[0].dtype)
             ys = call([x0] + list(flat[1:]))
-            acc = acc + ys[0][0, 0].astype(jnp.float32)
+            # Every output, every column: XLA would otherwise compute only
+            # what is read (it narrowed r, k, v, g to one column of one).
+            for y in ys:
+                acc = acc + jnp.sum(y[0].astype(jnp.float32))
         return acc
 
     return run
@@ -75,11 +84,19 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--chain", type=int, default=48)
-    parser.add_argument("--bandwidth", type=float, default=4.3e12)
+    parser.add_argument(
+        "--bandwidth", type=float, help="bytes/s; default: the card's"
+    )
+    parser.add_argument("--working-set", type=float, default=256e6)
+    parser.add_argument("--label", default="", help="names the output file")
+    parser.add_argument("--impls", default="kernel,XLA")
+    parser.add_argument("--rows", default="1,8")
+    parser.add_argument("--kinds", default="0,1,2")
     args = parser.parse_args()
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from gpu_profile import copy_rate
     from gpu_profile import profile
     from step_ops_gpu import kernel_ms
 
@@ -92,20 +109,30 @@ def main():
     kinds = ((0, "bf16"), (1, "int8 (W8A16)"), (2, "int8 (Keras W8A8)"))
     for name, shapes in CASES:
         for kind, kind_name in kinds:
-            for rows in (1, 8):
+            if str(kind) not in args.kinds.split(","):
+                continue
+            for rows in [int(r) for r in args.rows.split(",")]:
                 if rows == 8 and kind != 0:
                     continue
                 flat, nbytes = operands(jnp, rng, shapes, kind, rows)
+                count = max(1, min(16, round(args.working_set / nbytes)))
+                sets = [flat] + [
+                    operands(jnp, rng, shapes, kind, rows)[0]
+                    for _ in range(count - 1)
+                ]
                 group = jax_binding.GROUP[kind]
-                for impl, call in (
+                impls = (
                     ("kernel", lambda f, k=kind: jax_binding.ffi_call(k, f)),
                     ("XLA", lambda f, k=kind, g=group: xla_call(jnp, k, f, g)),
-                ):
+                )
+                for impl, call in impls:
+                    if impl not in args.impls.split(","):
+                        continue
                     run = chained(jax, jnp, call, args.chain)
-                    jax.block_until_ready(run(flat))
+                    jax.block_until_ready(run(sets))
                     summary = profile(
-                        lambda run=run, flat=flat: jax.block_until_ready(
-                            run(flat)
+                        lambda run=run, sets=sets: jax.block_until_ready(
+                            run(sets)
                         )
                     )
                     kern, span, count = kernel_ms(summary)
@@ -114,11 +141,13 @@ def main():
                     )
     lines = [
         f"# card: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
-        f"{args.chain} chained launches",
+        f"{args.chain} chained launches over {args.working_set / 1e6:.0f} "
+        f"MB of weights {args.label}",
         "| matrices | weights | rows | impl | kernels/launch | kernel µs "
         "| effective µs | weight bytes | effective TB/s | of the card |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    bandwidth = copy_rate(jax.devices()[0].device_kind, args.bandwidth)
     for name, kind_name, rows, impl, kern, span, count, nbytes in rows_out:
         per_kern = kern / args.chain * 1e3
         per_eff = span / args.chain * 1e3
@@ -127,11 +156,12 @@ def main():
             f"| {name} | {kind_name} | {rows} | {impl} | "
             f"{count / args.chain:.1f} | {per_kern:.1f} | {per_eff:.1f} | "
             f"{nbytes / 1e6:.1f} MB | {tbs:.2f} | "
-            f"{tbs * 1e12 / args.bandwidth:.0%} |"
+            f"{tbs * 1e12 / bandwidth:.0%} |"
         )
     text = "\n".join(lines)
     print(text)
-    with open(os.path.join(args.out, "matvec.md"), "w") as f:
+    name = f"matvec_{args.label}.md" if args.label else "matvec.md"
+    with open(os.path.join(args.out, name), "w") as f:
         f.write(text + "\n")
 
 

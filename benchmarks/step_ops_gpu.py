@@ -95,11 +95,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--chain", type=int, default=48)
-    parser.add_argument("--bandwidth", type=float, default=4.3e12)
+    parser.add_argument(
+        "--bandwidth", type=float, help="bytes/s; default: the card's"
+    )
     args = parser.parse_args()
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from gpu_profile import copy_rate
     from gpu_profile import profile
     from jax import lax
 
@@ -123,6 +126,7 @@ def main():
         "| bytes | effective TB/s | of the ceiling |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    bandwidth = copy_rate(device, args.bandwidth)
     for label, case, kern, span, count, nbytes in rows:
         per_kern = kern / copies * 1e3
         per_eff = span / copies * 1e3
@@ -130,7 +134,7 @@ def main():
         lines.append(
             f"| {label} | {case} | {count / copies:.1f} | {per_kern:.1f} | "
             f"{per_eff:.1f} | {nbytes / 1e6:.1f} MB | {tbs:.2f} | "
-            f"{tbs * 1e12 / args.bandwidth:.0%} |"
+            f"{tbs * 1e12 / bandwidth:.0%} |"
         )
     text = "\n".join(lines)
     print(text)
