@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 # The suite runs on JAX unless KERAS_BACKEND says otherwise (CI runs a
 # second pass on torch). Must be set before keras is imported.
@@ -7,11 +9,26 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Tests compile in clean processes; the cache has tests of its own.
+# The package's own compilation cache stays off: its tests start processes
+# with a user's environment (no KERAS_ or JAX_ variables). Instead one run
+# (its xdist workers and the processes tests start inherit this) shares a
+# JAX cache of its own, removed at the end: many tests build the same
+# small models and would compile the same programs again
+# (tests/test_generate.py alone: 76 s without, 61 s with).
 os.environ.setdefault("KERAS_RWKV_COMPILATION_CACHE", "0")
+_RUN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _RUN_CACHE = tempfile.mkdtemp(prefix="keras_rwkv_tests_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session):
+    if _RUN_CACHE is not None:  # the process that made it
+        shutil.rmtree(_RUN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
