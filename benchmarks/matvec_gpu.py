@@ -115,10 +115,10 @@ def main():
                 if rows == 8 and kind != 0:
                     continue
                 flat, nbytes = operands(jnp, rng, shapes, kind, rows)
-                count = max(1, min(16, round(args.working_set / nbytes)))
+                distinct = max(1, min(16, round(args.working_set / nbytes)))
                 sets = [flat] + [
                     operands(jnp, rng, shapes, kind, rows)[0]
-                    for _ in range(count - 1)
+                    for _ in range(distinct - 1)
                 ]
                 group = jax_binding.GROUP[kind]
                 impls = (

@@ -10,8 +10,8 @@ H200, and even padded to two rows its GEMM reads C x C at 2.1 TB/s
 So, inside the same layers (one code path for sequence and step mode):
 - where the step kernel runs (`keras_rwkv.ops.matvec`: JAX, sm_90+),
   `project_many` sends a batch-1 step's plain `Dense` projections to it
-  (bfloat16, or Keras's int8 with or without its quantized input), up to
-  four matrices of one kind in one launch;
+  (bfloat16, or Keras's weight-only int8), up to four matrices of one kind
+  in one launch;
 - elsewhere, and for a `Dense` it does not take (LoRA, a bias, float32),
   a batch-1 step's input is padded to `step_rows()` rows (2 on JAX with a
   GPU, 1 elsewhere; `KERAS_RWKV_STEP_ROWS`), which keeps XLA on a GEMM;
@@ -31,10 +31,9 @@ ROWS_ENV_VAR = settings.STEP_ROWS_ENV_VAR
 # 3,512 on XLA; benchmarks/RESULTS.md, "Decode step kernel").
 KERNEL_MAX_ROWS = 1
 KERNEL_MAX_MATRICES = 4
-# The kernel's kinds (`ops/matvec/jax_binding.py`): bfloat16 weights; int8
-# weights with a bfloat16 input (weight-only int8); int8 weights with
-# Keras's quantized input and its per-row scale.
-BF16, INT8, INT8_ROWS = 0, 1, 2
+# The kernel's kinds taken here (`ops/matvec/jax_binding.py`): bfloat16
+# weights, and int8 weights with a bfloat16 input (weight-only int8).
+BF16, INT8 = 0, 1
 
 
 def step_rows():
@@ -119,8 +118,7 @@ def _kernel_for(x):
 def _kernel_operands(layer, x):
     """`(kind, operands)` for the kernel, or None where it does not apply:
     only a plain `Dense` (no LoRA, bias or activation) with bfloat16
-    weights, or Keras's int8 weights (per-column scales), with or without
-    its quantized input."""
+    weights, or Keras's weight-only int8 (per-column scales)."""
     if type(layer) is not keras.layers.Dense or layer.lora_enabled:
         return None
     if layer.use_bias or layer.activation not in (
@@ -143,17 +141,17 @@ def _kernel_operands(layer, x):
 
 
 def _int8_operands(layer, x2):
-    """Keras's int8 `Dense` on the kernel: `x @ W / kernel_scale`, or with
-    its activation quantizer (the default config) the same product of the
-    quantized input divided by both scales, as `Dense._int8_call` does."""
+    """Keras's weight-only int8 `Dense` on the kernel: `x @ W /
+    kernel_scale`, as `Dense._int8_call` computes it."""
+    # Keras's default int8 also quantizes the input (W8A8). The kernel has
+    # that form (kind 2), but with the quantizer as XLA kernels it made a
+    # step slower than bfloat16 (H100: 407 against 463 tok/s), while on
+    # XLA's GEMMs it ran at bfloat16's speed (H200: 465 against 471;
+    # benchmarks/RESULTS.md), so it stays there.
+    if getattr(layer, "inputs_quantizer", None):
+        return None
     kernel = keras.ops.convert_to_tensor(layer.kernel)  # int8, no LoRA
     scale = keras.ops.convert_to_tensor(layer.kernel_scale)
     if len(scale.shape) != 1 or scale.shape[0] != kernel.shape[1]:
         return None  # not per column
-    quantizer = getattr(layer, "inputs_quantizer", None)
-    if not quantizer:
-        return INT8, (x2, kernel, scale)
-    x_q, x_scale = quantizer(x2, axis=-1)
-    x_q = keras.ops.cast(x_q, "bfloat16")  # |x_q| <= 127: exact
-    x_scale = keras.ops.reshape(x_scale, (x2.shape[0],))
-    return INT8_ROWS, (x_q, kernel, scale, x_scale)
+    return INT8, (x2, kernel, scale)
