@@ -108,6 +108,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
+    # Made before the run: a missing folder must not lose a measurement.
+    os.makedirs(args.out, exist_ok=True)
     if args.backend:
         print(json.dumps(measure(args.new, args.repeats, args.jit)))
         return

@@ -229,6 +229,8 @@ def main():
     )
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
+    # Made before the run: a missing folder must not lose a measurement.
+    os.makedirs(args.out, exist_ok=True)
     if args.summary:
         summary(args.out, args.bandwidth)
         return

@@ -168,6 +168,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
+    # Made before the run: a missing folder must not lose a measurement.
+    os.makedirs(args.out, exist_ok=True)
     if args.summary:
         summary(args.out)
         return

@@ -93,6 +93,8 @@ def main():
     parser.add_argument("--rows", default="1,8")
     parser.add_argument("--kinds", default="0,1,2")
     args = parser.parse_args()
+    # Made before the run: a missing folder must not lose a measurement.
+    os.makedirs(args.out, exist_ok=True)
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -279,6 +279,8 @@ def main():
     )
     parser.add_argument("--backend", choices=("jax", "torch"))
     args = parser.parse_args()
+    # Made before the run: a missing folder must not lose a measurement.
+    os.makedirs(args.out, exist_ok=True)
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("KERAS_BACKEND", "jax")

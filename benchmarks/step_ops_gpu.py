@@ -99,6 +99,8 @@ def main():
         "--bandwidth", type=float, help="bytes/s; default: the card's"
     )
     args = parser.parse_args()
+    # Made before the run: a missing folder must not lose a measurement.
+    os.makedirs(args.out, exist_ok=True)
     import jax
     import jax.numpy as jnp
     import numpy as np

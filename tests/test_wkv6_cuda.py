@@ -99,11 +99,42 @@ def test_missing_nvcc_is_a_clear_error(tmp_path, monkeypatch):
         build.build("torch", "90", "torch-test")
 
 
+@pytest.mark.parametrize("flavor", sorted(build.FLAVORS))
+def test_the_cache_key_covers_every_included_source(flavor):
+    # A header left out of `FLAVORS` would let an edit of it load a stale
+    # library; so every quoted include, followed through headers, is there.
+    listed = build.source_files(flavor)
+    found, todo = set(), [listed[0]]
+    while todo:
+        path = todo.pop()
+        found.add(path)
+        for line in path.read_text().splitlines():
+            if line.startswith('#include "') and "xla/" not in line:
+                name = line.split('"')[1]
+                todo.append(path.parent / name)
+    assert found == set(listed)
+
+
+def test_an_edited_header_rebuilds(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_RWKV_CACHE", str(tmp_path / "cache"))
+    name, unit, headers = build.FLAVORS["step_jax"]
+    for path in build.source_files("step_jax"):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setitem(
+        build.FLAVORS, "step_jax", (name, tmp_path / unit.name, headers)
+    )
+    before = build.library_path("step_jax", "90", "test")
+    last = tmp_path / headers[-1]
+    last.write_text(last.read_text() + "// edited\n")
+    assert build.library_path("step_jax", "90", "test") != before
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(build.find_nvcc() is None, reason="no nvcc")
 @pytest.mark.parametrize("flavor", ["torch", "jax"])
 def test_sources_compile(tmp_path, monkeypatch, flavor):
-    # Compiles for sm_90 whether or not a GPU is here.
+    # Compiles for sm_90 whether or not a GPU is here (the step kernels'
+    # libraries are built and run by the GPU tests; CI's time is short).
     monkeypatch.setenv("KERAS_RWKV_CACHE", str(tmp_path))
     include = []
     if flavor == "jax":

@@ -144,10 +144,10 @@ def _int8_operands(layer, x2):
     """Keras's weight-only int8 `Dense` on the kernel: `x @ W /
     kernel_scale`, as `Dense._int8_call` computes it."""
     # Keras's default int8 also quantizes the input (W8A8). The kernel has
-    # that form (kind 2), but with the quantizer as XLA kernels it made a
-    # step slower than bfloat16 (H100: 407 against 463 tok/s), while on
-    # XLA's GEMMs it ran at bfloat16's speed (H200: 465 against 471;
-    # benchmarks/RESULTS.md), so it stays there.
+    # that form (kind 2), but the quantizer's XLA kernels make a step
+    # slower than bfloat16 either way (H100: 407 tok/s on the kernel, 416
+    # on XLA's GEMMs, bfloat16 463-464; benchmarks/RESULTS.md), so it
+    # stays on XLA, as Keras runs it.
     if getattr(layer, "inputs_quantizer", None):
         return None
     kernel = keras.ops.convert_to_tensor(layer.kernel)  # int8, no LoRA

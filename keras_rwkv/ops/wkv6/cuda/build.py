@@ -24,19 +24,24 @@ from keras_rwkv.utils import settings
 
 SOURCE_DIR = Path(__file__).resolve().parent
 MATVEC_DIR = SOURCE_DIR.parents[1] / "matvec" / "cuda"
-# flavour: (library name, translation unit, header it includes)
+# flavour: (library name, translation unit, headers it includes); the
+# cache key hashes all of them, so an edited header rebuilds the library.
 FLAVORS = {
-    "jax": ("wkv6_jax", SOURCE_DIR / "wkv6_jax_ffi.cu", "wkv6_kernels.cuh"),
-    "torch": ("wkv6_torch", SOURCE_DIR / "wkv6_c_api.cu", "wkv6_kernels.cuh"),
+    "jax": ("wkv6_jax", SOURCE_DIR / "wkv6_jax_ffi.cu", ("wkv6_kernels.cuh",)),
+    "torch": (
+        "wkv6_torch",
+        SOURCE_DIR / "wkv6_c_api.cu",
+        ("wkv6_kernels.cuh",),
+    ),
     "matvec_jax": (
         "matvec_jax",
         MATVEC_DIR / "matvec_jax_ffi.cu",
-        "matvec_kernels.cuh",
+        ("matvec_kernels.cuh",),
     ),
     "step_jax": (
         "step_jax",
         MATVEC_DIR / "step_jax_ffi.cu",
-        "step_kernels.cuh",
+        ("step_kernels.cuh", "step_mix.cuh", "step_common.cuh"),
     ),
 }
 
@@ -85,8 +90,8 @@ def source_files(flavor):
     """
     if flavor not in FLAVORS:
         raise ValueError(f"Unknown CUDA library flavour {flavor!r}.")
-    _, unit, header = FLAVORS[flavor]
-    return [unit, unit.parent / header]
+    _, unit, headers = FLAVORS[flavor]
+    return [unit] + [unit.parent / header for header in headers]
 
 
 def library_path(flavor, arch, framework_version):
