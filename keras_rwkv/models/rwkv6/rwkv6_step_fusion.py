@@ -28,7 +28,7 @@ def fused_step_for(x):
 
 def shapes_ok(hidden_dim, mix_rank, decay_rank, head_size):
     """Whether the fused time-mix kernels take a layer of these sizes
-    (`mix_shapes_ok` in `ops/matvec/cuda/step_kernels.cuh`; every
+    (`mix_shapes_ok` in `ops/matvec/cuda/step_mix.cuh`; every
     official RWKV6 model does)."""
     return (
         head_size == 64
