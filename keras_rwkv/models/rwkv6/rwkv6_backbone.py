@@ -6,6 +6,8 @@ from keras_hub.models import Backbone
 
 from keras_rwkv.models.rwkv6.rwkv6_block import RWKV6Block
 from keras_rwkv.models.rwkv6.rwkv6_layout_map import layout_map
+from keras_rwkv.models.rwkv6.rwkv6_quantize import drop_int8_input_quantizers
+from keras_rwkv.models.rwkv6.rwkv6_quantize import is_weight_only_int8
 from keras_rwkv.models.rwkv6.rwkv6_quantize import quantize_with_filter
 from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import runs_contiguous
@@ -47,6 +49,9 @@ class RWKV6Backbone(Backbone):
             saved either).
         tuned_state: `None`, `"wkv"` or `"wkv+shift"`: trainable initial
             states (set by `enable_state_tuning`; kept in presets).
+        int8_weight_only: bool. The int8 layers of a saved weight-only int8
+            model quantize no input (kept in presets; see
+            `rwkv6_quantize.py`).
         dtype: string or `keras.DTypePolicy`. The WKV math, the decay and the
             group norm always run in float32.
 
@@ -81,6 +86,7 @@ class RWKV6Backbone(Backbone):
         wkv_kernel="auto",
         wkv_chunk_size=16,
         tuned_state=None,
+        int8_weight_only=False,
         dtype=None,
         **kwargs,
     ):
@@ -152,6 +158,8 @@ class RWKV6Backbone(Backbone):
         self.group_norm_epsilon = group_norm_epsilon
         self.wkv_kernel = wkv_kernel
         self.wkv_chunk_size = wkv_chunk_size
+        if int8_weight_only:
+            drop_int8_input_quantizers(self)
 
     @staticmethod
     def get_layout_map(
@@ -470,4 +478,6 @@ class RWKV6Backbone(Backbone):
                 "tuned_state": self.tuned_state,
             }
         )
+        if is_weight_only_int8(self):
+            config["int8_weight_only"] = True
         return config

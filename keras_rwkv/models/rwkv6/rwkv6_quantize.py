@@ -13,6 +13,14 @@ when it was quantized, so a saved model would not give the logits it gave
 before saving (0.7% of the largest logit apart on a tiny model). float8
 has no embedding form in Keras.
 
+Weight-only int8 (`Int8QuantizationConfig(activation_quantizer=None)`)
+is the form a decoding step reads fastest; Keras's default int8 also
+quantizes every layer's input, which makes a step slower than bfloat16
+(benchmarks/RESULTS.md). Keras 3.15 saves an int8 layer's dtype policy but
+not its config, and our layers build their `Dense` themselves, so a saved
+weight-only model would reload with input quantizers: the backbone says
+`int8_weight_only` in its config instead, and drops them again on load.
+
 Keras checks `type(layer) is Dense` unless told not to (`type_check`);
 KerasHub's `ReversibleEmbedding` subclasses Keras's, so the filter below
 picks the layers and the type check is off.
@@ -98,3 +106,25 @@ def _embedding_config(mode, config):
         weight_quantizer=None,
         activation_quantizer=config.activation_quantizer,
     )
+
+
+def _int8_layers(model):
+    """The int8 layers that may quantize their input."""
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if layer.quantization_mode == "int8"
+        and hasattr(layer, "inputs_quantizer")
+    ]
+
+
+def is_weight_only_int8(model):
+    """Whether `model` has int8 layers and none quantizes its input."""
+    layers = _int8_layers(model)
+    return bool(layers) and not any(x.inputs_quantizer for x in layers)
+
+
+def drop_int8_input_quantizers(model):
+    """Makes every int8 layer of `model` weight-only, as it was saved."""
+    for layer in _int8_layers(model):
+        layer.inputs_quantizer = None
