@@ -165,3 +165,23 @@ def test_weight_only_int8_config_round_trips(preset, float_logits, tmp_path):
     dense = again.backbone.get_layer("block_0").time_mix.key
     assert dense.quantization_mode == "int8" and dense.inputs_quantizer is None
     np.testing.assert_array_equal(reloaded, got)
+
+
+def test_quantized_backbone_preset_loads_on_its_own(preset, tmp_path):
+    """KerasHub's `Backbone.from_preset` drops a saved policy map; the
+    backbone's own config brings its quantized layers back."""
+    backbone = keras_hub.models.Backbone.from_preset(preset)
+    backbone.quantize("int8")
+    x = inputs()
+    before = ops.convert_to_numpy(backbone(x))
+    backbone.save_to_preset(str(tmp_path / "b"))
+    again = keras_hub.models.Backbone.from_preset(str(tmp_path / "b"))
+    assert quantized_paths(again) == quantized_paths(backbone)
+    np.testing.assert_array_equal(ops.convert_to_numpy(again(x)), before)
+    # A float dtype the caller asks for becomes the quantized layers' own.
+    half = keras_hub.models.Backbone.from_preset(
+        str(tmp_path / "b"), dtype="bfloat16"
+    )
+    key = half.get_layer("block_0").time_mix.key
+    assert key.quantization_mode == "int8"
+    assert key.compute_dtype == "bfloat16"

@@ -9,6 +9,8 @@ from keras_rwkv.models.rwkv6.rwkv6_layout_map import layout_map
 from keras_rwkv.models.rwkv6.rwkv6_quantize import drop_int8_input_quantizers
 from keras_rwkv.models.rwkv6.rwkv6_quantize import is_weight_only_int8
 from keras_rwkv.models.rwkv6.rwkv6_quantize import quantize_with_filter
+from keras_rwkv.models.rwkv6.rwkv6_quantize import quantized_layer_policies
+from keras_rwkv.models.rwkv6.rwkv6_quantize import with_quantized_layers
 from keras_rwkv.models.rwkv6.rwkv6_state import RWKV6State
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import runs_contiguous
 from keras_rwkv.models.rwkv6.rwkv6_token_shift import shift_indices
@@ -52,6 +54,9 @@ class RWKV6Backbone(Backbone):
         int8_weight_only: bool. The int8 layers of a saved weight-only int8
             model quantize no input (kept in presets; see
             `rwkv6_quantize.py`).
+        quantized_layers: dict. The dtype policies of a saved quantized
+            model's layers, by path (kept in presets, so that
+            `Backbone.from_preset` rebuilds them; see `rwkv6_quantize.py`).
         dtype: string or `keras.DTypePolicy`. The WKV math, the decay and the
             group norm always run in float32.
 
@@ -87,9 +92,11 @@ class RWKV6Backbone(Backbone):
         wkv_chunk_size=16,
         tuned_state=None,
         int8_weight_only=False,
+        quantized_layers=None,
         dtype=None,
         **kwargs,
     ):
+        dtype = with_quantized_layers(dtype, quantized_layers)
         # === Layers ===
         self.token_embedding = ReversibleEmbedding(
             input_dim=vocabulary_size,
@@ -480,4 +487,7 @@ class RWKV6Backbone(Backbone):
         )
         if is_weight_only_int8(self):
             config["int8_weight_only"] = True
+        policies = quantized_layer_policies(self)
+        if policies:
+            config["quantized_layers"] = policies
         return config

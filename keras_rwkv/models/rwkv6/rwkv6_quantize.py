@@ -21,11 +21,20 @@ not its config, and our layers build their `Dense` themselves, so a saved
 weight-only model would reload with input quantizers: the backbone says
 `int8_weight_only` in its config instead, and drops them again on load.
 
+KerasHub 0.32's `Backbone.from_preset` builds a backbone with the dtype
+the caller passes, `None` by default, in place of the saved one (only a
+task's `from_preset` keeps a saved `DTypePolicyMap`), so a quantized
+backbone saved on its own would rebuild in float and fail to load its
+int8 weights. The backbone's config also lists its quantized layers'
+policies (`quantized_layers`), and a backbone given no policy map builds
+with them.
+
 Keras checks `type(layer) is Dense` unless told not to (`type_check`);
 KerasHub's `ReversibleEmbedding` subclasses Keras's, so the filter below
 picks the layers and the type check is off.
 """
 
+import copy
 import re
 
 import keras
@@ -128,3 +137,31 @@ def drop_int8_input_quantizers(model):
     """Makes every int8 layer of `model` weight-only, as it was saved."""
     for layer in _int8_layers(model):
         layer.inputs_quantizer = None
+
+
+def quantized_layer_policies(model):
+    """`{layer path: serialized dtype policy}` of `model`'s quantized
+    layers, for its config; None when none is quantized."""
+    policies = {
+        layer.path: keras.dtype_policies.serialize(layer.dtype_policy)
+        for layer in model._flatten_layers(include_self=False)
+        if layer.quantization_mode is not None
+    }
+    return policies or None
+
+
+def with_quantized_layers(dtype, policies):
+    """The dtype a model saved with quantized layer `policies` builds with:
+    `dtype` as it is when it is already a policy map (a task's
+    `from_preset` passes the saved one), else a map of `policies` over
+    `dtype` (a float dtype the caller asks for becomes their source)."""
+    if not policies or isinstance(dtype, keras.dtype_policies.DTypePolicyMap):
+        return dtype
+    default = None if dtype is None else keras.dtype_policies.get(dtype)
+    policy_map = keras.dtype_policies.DTypePolicyMap(default_policy=default)
+    for path, policy in policies.items():
+        policy = copy.deepcopy(policy)
+        if default is not None:
+            policy["config"]["source_name"] = default.name
+        policy_map[path] = keras.dtype_policies.deserialize(policy)
+    return policy_map
