@@ -28,8 +28,9 @@ from keras_rwkv.ops.wkv6.cuda import jax_binding  # noqa: E402
 from keras_rwkv.ops.wkv6.cuda import torch_binding  # noqa: E402
 
 NAMES = ["y", "state", "dr", "dk", "dv", "dlog_w", "du", "ds0"]
-# Launch-shape overrides, read by the kernel at each launch: value columns
-# (key rows) per thread and blocks per (batch, head).
+# Launch-shape overrides, read by the bindings at each call (trace time
+# under jit): value columns (key rows) per thread and blocks per (batch,
+# head).
 COLS_ENV = "KERAS_RWKV_WKV6_COLS"
 GROUPS_ENV = "KERAS_RWKV_WKV6_GROUPS"
 # (cols, groups); None leaves the kernel's own choice.

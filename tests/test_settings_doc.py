@@ -28,13 +28,8 @@ def test_every_environment_variable_is_documented_once():
 
 
 def test_the_environment_is_read_in_settings_only():
-    # entry.py sets KERAS_BACKEND for the command line (Keras's variable);
-    # the WKV kernel's C++ reads its two launch-shape overrides.
-    allowed = {
-        "utils/settings.py",
-        "entry.py",
-        "ops/wkv6/cuda/wkv6_kernels.cuh",
-    }
+    # entry.py sets KERAS_BACKEND for the command line (Keras's variable).
+    allowed = {"utils/settings.py", "entry.py"}
     readers = set()
     for path in (ROOT / "keras_rwkv").rglob("*"):
         if path.suffix in (".py", ".cu", ".cuh"):

@@ -174,6 +174,72 @@ def test_tensorflow_never_uses_cuda():
         cuda.require("tensorflow")
 
 
+def test_launch_overrides_reach_the_kernel_call_at_trace_time(monkeypatch):
+    """KERAS_RWKV_WKV6_COLS / _GROUPS are read at each call and passed to
+    the FFI calls as attributes (the kernel reads no environment), so a
+    new trace picks up a changed setting."""
+    import jax
+    import jax.numpy as jnp
+
+    from keras_rwkv.ops.wkv6.cuda import jax_binding
+
+    x = jnp.zeros((1, 4, 2, 16))
+    args = (x, x, x, x, jnp.zeros((2, 16)), jnp.zeros((1, 2, 16, 16)))
+
+    def attributes(fn, *a):
+        # A new function each time: a trace of the same one is cached.
+        eqn = jax.make_jaxpr(lambda *b: fn(*b))(*a).eqns[0]
+        return {name: int(v) for name, v in eqn.params["attributes"]}
+
+    forward = jax_binding._forward_call
+    assert attributes(forward, *args) == {"cols": 0, "groups": 0}
+    monkeypatch.setenv("KERAS_RWKV_WKV6_GROUPS", "4")
+    assert attributes(forward, *args) == {"cols": 0, "groups": 4}
+    monkeypatch.setenv("KERAS_RWKV_WKV6_COLS", "2")
+    backward = jax_binding._backward_call
+    got = attributes(backward, *args, x, args[-1], args[-1])
+    assert got == {"cols": 2, "groups": 4}
+    monkeypatch.setenv("KERAS_RWKV_WKV6_GROUPS", "3")
+    with pytest.raises(ValueError, match="KERAS_RWKV_WKV6_GROUPS='3'"):
+        attributes(forward, *args)
+
+
+def _c_parameter_types(source, name):
+    """The parameter types of C function `name` in `source`, as ctypes
+    sees them: "ptr" (any pointer) or "i32" (int)."""
+    text = source.split(f"int {name}(", 1)[1].split(")", 1)[0]
+    kinds = []
+    for param in text.split(","):
+        kinds.append("ptr" if "*" in param else "i32")
+        assert "*" in param or param.split()[0] == "int", param
+    return kinds
+
+
+def test_torch_binding_argtypes_match_the_c_api():
+    """ctypes does not check a call against the C signature: a parameter
+    added on one side only would pass garbage to the kernel."""
+    import ctypes
+
+    from keras_rwkv.ops.wkv6.cuda import build
+    from keras_rwkv.ops.wkv6.cuda import torch_binding
+
+    source = build.source_files("torch")[0].read_text()
+
+    class FakeLib:
+        def __init__(self):
+            self.functions = {}
+
+        def __getattr__(self, name):
+            return self.functions.setdefault(name, type("F", (), {})())
+
+    lib = FakeLib()
+    torch_binding._declare(lib)
+    names = {ctypes.c_void_p: "ptr", ctypes.c_int: "i32"}
+    for name in ("keras_rwkv_wkv6_forward", "keras_rwkv_wkv6_backward"):
+        declared = [names[t] for t in lib.functions[name].argtypes]
+        assert declared == _c_parameter_types(source, name), name
+
+
 # --- the kernel (GPU only) -------------------------------------------------
 
 

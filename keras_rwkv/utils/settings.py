@@ -2,8 +2,7 @@
 
 Every environment variable keras-rwkv reads is read here (the command
 line's backend choice in `entry.py` aside, which follows Keras's own
-`KERAS_BACKEND`, and the CUDA kernels' launch-shape overrides, read in
-C++ once per process). docs/settings.md has the table (a test keeps it
+`KERAS_BACKEND`). docs/settings.md has the table (a test keeps it
 complete):
 
 - `KERAS_RWKV_CACHE`: the cache root (converted presets, CUDA kernel
@@ -145,6 +144,25 @@ def _positive_int(name, what):
 def wkv_segments():
     """`KERAS_RWKV_WKV6_SEGMENTS`: forced time-segment count, or None."""
     return _positive_int(WKV_SEGMENTS_ENV_VAR, "1 turns the split off")
+
+
+WKV6_COLS_ENV_VAR = "KERAS_RWKV_WKV6_COLS"
+WKV6_GROUPS_ENV_VAR = "KERAS_RWKV_WKV6_GROUPS"
+
+
+def wkv6_launch():
+    """The CUDA WKV kernel's forced launch choices, for benchmarks and
+    tests, as the kernels' `Params` take them (0: the kernel's own
+    choice): `KERAS_RWKV_WKV6_COLS` (1, 2 or 4) and
+    `KERAS_RWKV_WKV6_GROUPS` (1, 2, 4 or 8). Read at each call (trace
+    time under `jit`), so a setting changed between calls takes effect.
+
+    Returns:
+        A dict with int entries `cols` and `groups`.
+    """
+    cols = _choice(WKV6_COLS_ENV_VAR, ("1", "2", "4"), "0")
+    groups = _choice(WKV6_GROUPS_ENV_VAR, ("1", "2", "4", "8"), "0")
+    return {"cols": int(cols), "groups": int(groups)}
 
 
 def step_rows():

@@ -10,9 +10,11 @@ import ctypes
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from keras_rwkv.ops.wkv6.cuda import build
 from keras_rwkv.ops.wkv6.cuda import jax_partition
+from keras_rwkv.utils import settings
 
 FORWARD_TARGET = "keras_rwkv_wkv6_forward"
 BACKWARD_TARGET = "keras_rwkv_wkv6_backward"
@@ -52,6 +54,12 @@ def describe():
     return f"CUDA WKV6 kernel via the XLA FFI (sm_{_state['arch']})"
 
 
+def _launch_attributes():
+    # Forced launch choices (settings.wkv6_launch), read at trace time.
+    launch = settings.wkv6_launch()
+    return {name: np.int32(value) for name, value in launch.items()}
+
+
 def _forward_call(r, k, v, log_w, u, s0):
     # Shapes are per shard here (see jax_partition).
     b, _, h, n = r.shape
@@ -61,7 +69,7 @@ def _forward_call(r, k, v, log_w, u, s0):
             jax.ShapeDtypeStruct(r.shape, r.dtype),
             jax.ShapeDtypeStruct((b, h, n, n), jnp.float32),
         ),
-    )(r, k, v, log_w, u, s0)
+    )(r, k, v, log_w, u, s0, **_launch_attributes())
 
 
 def _backward_call(r, k, v, log_w, u, s0, gy, gs, s_final):
@@ -79,7 +87,7 @@ def _backward_call(r, k, v, log_w, u, s0, gy, gs, s_final):
             jax.ShapeDtypeStruct((b, h, n), jnp.float32),
             jax.ShapeDtypeStruct((b, h, n, n), jnp.float32),
         ),
-    )(r, k, v, log_w, u, s0, gy, gs, s_final)
+    )(r, k, v, log_w, u, s0, gy, gs, s_final, **_launch_attributes())
 
 
 # Operand layouts: batch "b", time "t", heads "h", key "n", value "m".

@@ -11,6 +11,7 @@ import ctypes
 import torch
 
 from keras_rwkv.ops.wkv6.cuda import build
+from keras_rwkv.utils import settings
 
 _state = {}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -26,18 +27,23 @@ def load(arch):
         return
     path = build.build("torch", arch, f"torch{torch.__version__}")
     lib = ctypes.CDLL(str(path))
+    _declare(lib)
+    _state.update(lib=lib, arch=arch, path=path)
+
+
+def _declare(lib):
+    """Sets the C API's argument and result types on `lib`."""
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     lib.keras_rwkv_wkv6_forward.argtypes = (
-        [i32] * 5 + [ptr] * 6 + [i32] + [ptr] * 3
+        [i32] * 5 + [ptr] * 6 + [i32] + [ptr] * 2 + [i32] * 2 + [ptr]
     )
     lib.keras_rwkv_wkv6_forward.restype = i32
     lib.keras_rwkv_wkv6_backward.argtypes = (
-        [i32] * 5 + [ptr] * 6 + [i32] + [ptr] * 11
+        [i32] * 5 + [ptr] * 6 + [i32] + [ptr] * 10 + [i32] * 2 + [ptr]
     )
     lib.keras_rwkv_wkv6_backward.restype = i32
     lib.keras_rwkv_wkv6_error_string.argtypes = [i32]
     lib.keras_rwkv_wkv6_error_string.restype = ctypes.c_char_p
-    _state.update(lib=lib, arch=arch, path=path)
 
 
 def describe():
@@ -67,6 +73,7 @@ def _forward(
     b, t, h, n = r.shape
     y = torch.empty_like(r)
     s = torch.empty((b, h, n, n), dtype=torch.float32, device=r.device)
+    launch = settings.wkv6_launch()
     with torch.cuda.device(r.device):
         _check(
             _state["lib"].keras_rwkv_wkv6_forward(
@@ -84,6 +91,8 @@ def _forward(
                 int(s0.shape[0] != 1),
                 y.data_ptr(),
                 s.data_ptr(),
+                launch["cols"],
+                launch["groups"],
                 _stream(r),
             )
         )
@@ -120,6 +129,7 @@ def _backward_op(
     p, q = (torch.empty_like(log_w) for _ in range(2))
     du = torch.empty((b, h, n), dtype=torch.float32, device=r.device)
     ds0 = torch.empty((b, h, n, n), dtype=torch.float32, device=r.device)
+    launch = settings.wkv6_launch()
     with torch.cuda.device(r.device):
         _check(
             _state["lib"].keras_rwkv_wkv6_backward(
@@ -145,6 +155,8 @@ def _backward_op(
                 q.data_ptr(),
                 du.data_ptr(),
                 ds0.data_ptr(),
+                launch["cols"],
+                launch["groups"],
                 _stream(r),
             )
         )

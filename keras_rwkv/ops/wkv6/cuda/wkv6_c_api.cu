@@ -10,7 +10,8 @@ int keras_rwkv_wkv6_forward(int dtype, int B, int T, int H, int N,
                             const void* r, const void* k, const void* v,
                             const float* log_w, const float* u,
                             const float* s0, int s0_batched, void* y,
-                            float* s_out, void* stream) {
+                            float* s_out, int cols, int groups,
+                            void* stream) {
   kw::Params p = {};
   p.B = B;
   p.T = T;
@@ -24,6 +25,8 @@ int keras_rwkv_wkv6_forward(int dtype, int B, int T, int H, int N,
   p.s0_bstride = s0_batched ? static_cast<int64_t>(H) * N * N : 0;
   p.y = y;
   p.s_out = s_out;
+  p.cols = cols;
+  p.groups = groups;
   return kw::run(dtype, N, p, false, static_cast<cudaStream_t>(stream));
 }
 
@@ -33,7 +36,8 @@ int keras_rwkv_wkv6_backward(int dtype, int B, int T, int H, int N,
                              const float* s0, int s0_batched, const void* dy,
                              const float* gs, const float* s_T, void* dr,
                              void* dk, void* dv, float* p_sum, float* q_sum,
-                             float* du_part, float* ds0, void* stream) {
+                             float* du_part, float* ds0, int cols,
+                             int groups, void* stream) {
   kw::Params p = {};
   p.B = B;
   p.T = T;
@@ -55,6 +59,8 @@ int keras_rwkv_wkv6_backward(int dtype, int B, int T, int H, int N,
   p.q = q_sum;
   p.du_part = du_part;
   p.ds0 = ds0;
+  p.cols = cols;
+  p.groups = groups;
   return kw::run(dtype, N, p, true, static_cast<cudaStream_t>(stream));
 }
 

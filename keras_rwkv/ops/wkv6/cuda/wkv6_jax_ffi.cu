@@ -41,7 +41,8 @@ ffi::Error forward_impl(cudaStream_t stream, ffi::AnyBuffer r,
                         ffi::Buffer<ffi::F32> log_w, ffi::Buffer<ffi::F32> u,
                         ffi::Buffer<ffi::F32> s0,
                         ffi::Result<ffi::AnyBuffer> y,
-                        ffi::Result<ffi::Buffer<ffi::F32>> s_out) {
+                        ffi::Result<ffi::Buffer<ffi::F32>> s_out,
+                        int32_t cols, int32_t groups) {
   int dtype = 0;
   ffi::Error err = check_inputs(r, k, v, &dtype);
   if (err.failure()) return err;
@@ -61,6 +62,8 @@ ffi::Error forward_impl(cudaStream_t stream, ffi::AnyBuffer r,
       s0.dimensions()[0] == 1 ? 0 : static_cast<int64_t>(H) * N * N;
   p.y = y->untyped_data();
   p.s_out = s_out->typed_data();
+  p.cols = cols;
+  p.groups = groups;
   return status(kw::run(dtype, N, p, false, stream));
 }
 
@@ -73,7 +76,7 @@ ffi::Error backward_impl(
     ffi::Result<ffi::Buffer<ffi::F32>> p_sum,
     ffi::Result<ffi::Buffer<ffi::F32>> q_sum,
     ffi::Result<ffi::Buffer<ffi::F32>> du_part,
-    ffi::Result<ffi::Buffer<ffi::F32>> ds0) {
+    ffi::Result<ffi::Buffer<ffi::F32>> ds0, int32_t cols, int32_t groups) {
   int dtype = 0;
   ffi::Error err = check_inputs(r, k, v, &dtype);
   if (err.failure()) return err;
@@ -104,6 +107,8 @@ ffi::Error backward_impl(
   p.q = q_sum->typed_data();
   p.du_part = du_part->typed_data();
   p.ds0 = ds0->typed_data();
+  p.cols = cols;
+  p.groups = groups;
   return status(kw::run(dtype, N, p, true, stream));
 }
 
@@ -120,7 +125,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::F32>>()   // u
         .Arg<ffi::Buffer<ffi::F32>>()   // s0
         .Ret<ffi::AnyBuffer>()          // y
-        .Ret<ffi::Buffer<ffi::F32>>());  // final state
+        .Ret<ffi::Buffer<ffi::F32>>()   // final state
+        .Attr<int32_t>("cols")          // Params::cols, groups
+        .Attr<int32_t>("groups"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     KerasRwkvWkv6Backward, backward_impl,
@@ -141,4 +148,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::Buffer<ffi::F32>>()   // P
         .Ret<ffi::Buffer<ffi::F32>>()   // Q
         .Ret<ffi::Buffer<ffi::F32>>()   // du per batch
-        .Ret<ffi::Buffer<ffi::F32>>());  // dS0 per batch
+        .Ret<ffi::Buffer<ffi::F32>>()   // dS0 per batch
+        .Attr<int32_t>("cols")          // Params::cols, groups
+        .Attr<int32_t>("groups"));

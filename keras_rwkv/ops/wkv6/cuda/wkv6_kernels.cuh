@@ -38,7 +38,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 namespace keras_rwkv_wkv6 {
 
@@ -69,6 +68,10 @@ struct Params {
   float* q;        // sum_j gS.S_T - running sum of k.dk' (reverse)
   float* du_part;  // [B, H, N]
   float* ds0;      // [B, H, N, N]
+  // Forced launch shape, 0 leaving the kernel's own (for benchmarks and
+  // tests; KERAS_RWKV_WKV6_COLS / _GROUPS, read in Python at each call):
+  // cols 1, 2 or 4; groups 1, 2, 4 or 8.
+  int cols, groups;
 };
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -387,21 +390,13 @@ inline cudaError_t launch(const Params& p, bool backward,
 // two); with G > 1 the backward pass is fastest with one, the forward
 // with two up to G = 4. KERAS_RWKV_WKV6_COLS (1, 2 or 4) and
 // KERAS_RWKV_WKV6_GROUPS (1, 2, 4 or 8) override the choice, for
-// benchmarking; a G too large for N / C falls back to the largest valid.
+// benchmarking (Params::cols, groups); a G too large for N / C falls
+// back to the largest valid.
 struct Shape {
   int cols, groups;
 };
 
 constexpr int kMaxBlocksPerSm = 8;
-
-inline int env_choice(const char* name) {
-  const char* env = getenv(name);
-  if (env && (env[0] == '1' || env[0] == '2' || env[0] == '4' ||
-              env[0] == '8') && env[1] == 0) {
-    return env[0] - '0';
-  }
-  return 0;
-}
 
 inline int sm_count() {
   static int cached[64] = {};
@@ -427,11 +422,8 @@ inline Shape launch_shape(const Params& p, bool backward) {
   Shape s = {1, 1};
   while (s.groups < 8 && pairs * s.groups * 2 <= limit) s.groups *= 2;
   if (s.groups == 1 || (!backward && s.groups < 8)) s.cols = 2;
-  // Read once per process (the first launch), not at every launch.
-  static const int cols = env_choice("KERAS_RWKV_WKV6_COLS");
-  static const int groups = env_choice("KERAS_RWKV_WKV6_GROUPS");
-  if (cols) s.cols = cols;
-  if (groups) s.groups = groups;
+  if (p.cols) s.cols = p.cols;
+  if (p.groups) s.groups = p.groups;
   return s;
 }
 
