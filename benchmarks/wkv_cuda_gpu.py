@@ -33,6 +33,8 @@ NAMES = ["y", "state", "dr", "dk", "dv", "dlog_w", "du", "ds0"]
 # head).
 COLS_ENV = "KERAS_RWKV_WKV6_COLS"
 GROUPS_ENV = "KERAS_RWKV_WKV6_GROUPS"
+# The forward's form (per-step or chunk-parallel), read the same way.
+FORM_ENV = "KERAS_RWKV_WKV6_FORM"
 # (cols, groups); None leaves the kernel's own choice.
 SHAPES = [(None, None), (1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (1, 8), (2, 4)]
 
@@ -59,6 +61,14 @@ def set_shape(cols, groups):
             os.environ.pop(env, None)
         else:
             os.environ[env] = str(value)
+
+
+def set_form(form):
+    """Forces the forward's form ("step", "parallel"; None: auto)."""
+    if form is None:
+        os.environ.pop(FORM_ENV, None)
+    else:
+        os.environ[FORM_ENV] = form
 
 
 def shape_name(cols, groups):
@@ -164,9 +174,25 @@ def run_jax_default(*a, **k):
     return run_jax(*a, **k)
 
 
-VARIANTS = [("jax", run_jax_default, None, None)] + [
-    ("torch", run_torch, cols, groups) for cols, groups in SHAPES
-]
+def in_form(form, fn):
+    def run(*a, **k):
+        set_form(form)
+        try:
+            return fn(*a, **k)
+        finally:
+            set_form(None)
+
+    return run
+
+
+VARIANTS = (
+    [("jax", run_jax_default, None, None)]
+    + [("torch", run_torch, cols, groups) for cols, groups in SHAPES]
+    + [
+        ("jax-par", in_form("parallel", run_jax), None, None),
+        ("torch-par", in_form("parallel", run_torch), None, None),
+    ]
+)
 
 
 def check():
@@ -204,11 +230,13 @@ def check():
     for name, fn, dt in (
         ("jax", run_jax, jnp.bfloat16),
         ("torch", run_torch, torch.bfloat16),
+        ("jax-par", in_form("parallel", run_jax), jnp.bfloat16),
+        ("torch-par", in_form("parallel", run_torch), torch.bfloat16),
     ):
         got = fn(rounded, gy, gs, dt)
         errs = [rel(g, e) for g, e in zip(got, ref)]
         print(
-            f"{name:5} bf16 2   777 1 | " + " ".join(f"{e:8.1e}" for e in errs)
+            f"{name:9} bf16 2   777 1 | " + " ".join(f"{e:8.1e}" for e in errs)
         )
     print("worst fp32 error per binding:", worst)
 
@@ -236,7 +264,7 @@ class _Results(dict):
         sys.stdout.flush()
 
 
-def bench(impls, b, t, h, n):
+def bench(impls, b, t, h, n, forms=(None,)):
     inputs, _, _ = random_case(b, t, h, n, 0, True, -6.0, 1.0)
     rng = np.random.default_rng(1)
     gy_np = rng.standard_normal((b, t, h, n)).astype(np.float32)
@@ -259,6 +287,28 @@ def bench(impls, b, t, h, n):
         timeit(lambda: jax.block_until_ready(fwd(*args)), no_sync),
         timeit(lambda: jax.block_until_ready(fb(*args)), no_sync),
     )
+    # Each forced form of the forward: new jits (read at trace time).
+    for form in forms:
+        if form is None:
+            continue
+        set_form(form)
+        fwd_f = jax.jit(lambda *a: jax_binding.wkv6(*a))
+        fb_f = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
+        results[f"ours (JAX FFI, {form})"] = (
+            timeit(lambda f=fwd_f: jax.block_until_ready(f(*args)), no_sync),
+            timeit(lambda f=fb_f: jax.block_until_ready(f(*args)), no_sync),
+        )
+        if form != "step":
+            y_f, s_f = fwd_f(*args)
+            set_form("step")
+            y_s, s_s = jax.jit(lambda *a: jax_binding.wkv6(*a))(*args)
+            print(
+                f"{form} vs step: y",
+                rel(np.asarray(y_f, np.float64), np.asarray(y_s, np.float64)),
+                "state",
+                rel(np.asarray(s_f, np.float64), np.asarray(s_s, np.float64)),
+            )
+    set_form(None)
 
     # ours, JAX, split over time (time_split.py) into K segments; "auto"
     # is the default rule. The split happens at trace time: new jits.
@@ -430,13 +480,18 @@ def rwkv_ops_wkv6(head_size, max_sequence_length):
 
 
 def sanitize_case():
-    """A small case for compute-sanitizer (torch binding, both passes)."""
-    for with_state in (False, True):
-        inputs, gy, gs = random_case(2, 37, 3, 64, 3, with_state)
-        run_torch(inputs, gy, gs)
-        run_torch(inputs, gy, gs, torch.bfloat16)
-    inputs, gy, gs = random_case(1, 5, 2, 16, 3, True)
-    run_torch(inputs, gy, gs)
+    """A small case for compute-sanitizer (torch binding, both passes,
+    both forms of the forward)."""
+    for form in ("step", "parallel"):
+        set_form(form)
+        for with_state in (False, True):
+            inputs, gy, gs = random_case(2, 137, 3, 64, 3, with_state)
+            run_torch(inputs, gy, gs)
+            run_torch(inputs, gy, gs, torch.bfloat16)
+        for n in (16, 32, 128):
+            inputs, gy, gs = random_case(1, 45, 2, n, 3, True)
+            run_torch(inputs, gy, gs)
+    set_form(None)
     torch.cuda.synchronize()
     print("sanitize case done")
 
@@ -455,6 +510,12 @@ def main():
         "--shapes",
         default="8,4096,32,64",
         help="B,T,H,N problem shapes for --bench, separated by ';'",
+    )
+    parser.add_argument(
+        "--forms",
+        default="",
+        help="forced forms of the forward to time besides auto, e.g. "
+        "step,parallel",
     )
     parser.add_argument(
         "--segments",
@@ -495,7 +556,9 @@ def main():
         ]
     if a.bench:
         for shape in a.shapes.split(";"):
-            bench(a.impls.split(","), *(int(x) for x in shape.split(",")))
+            dims = (int(x) for x in shape.split(","))
+            forms = [None] + [f for f in a.forms.split(",") if f]
+            bench(a.impls.split(","), *dims, forms=forms)
 
 
 if __name__ == "__main__":

@@ -175,9 +175,9 @@ def test_tensorflow_never_uses_cuda():
 
 
 def test_launch_overrides_reach_the_kernel_call_at_trace_time(monkeypatch):
-    """KERAS_RWKV_WKV6_COLS / _GROUPS are read at each call and passed to
-    the FFI calls as attributes (the kernel reads no environment), so a
-    new trace picks up a changed setting."""
+    """KERAS_RWKV_WKV6_COLS / _GROUPS / _FORM are read at each call and
+    passed to the FFI calls as attributes (the kernel reads no
+    environment), so a new trace picks up a changed setting."""
     import jax
     import jax.numpy as jnp
 
@@ -192,22 +192,29 @@ def test_launch_overrides_reach_the_kernel_call_at_trace_time(monkeypatch):
         return {name: int(v) for name, v in eqn.params["attributes"]}
 
     forward = jax_binding._forward_call
-    assert attributes(forward, *args) == {"cols": 0, "groups": 0}
+    assert attributes(forward, *args) == {"cols": 0, "groups": 0, "form": 0}
     monkeypatch.setenv("KERAS_RWKV_WKV6_GROUPS", "4")
-    assert attributes(forward, *args) == {"cols": 0, "groups": 4}
+    monkeypatch.setenv("KERAS_RWKV_WKV6_FORM", "Parallel")
+    got = attributes(forward, *args)
+    assert got == {"cols": 0, "groups": 4, "form": 2}
     monkeypatch.setenv("KERAS_RWKV_WKV6_COLS", "2")
+    monkeypatch.setenv("KERAS_RWKV_WKV6_FORM", "step")
     backward = jax_binding._backward_call
     got = attributes(backward, *args, x, args[-1], args[-1])
-    assert got == {"cols": 2, "groups": 4}
+    assert got == {"cols": 2, "groups": 4, "form": 1}
     monkeypatch.setenv("KERAS_RWKV_WKV6_GROUPS", "3")
     with pytest.raises(ValueError, match="KERAS_RWKV_WKV6_GROUPS='3'"):
+        attributes(forward, *args)
+    monkeypatch.setenv("KERAS_RWKV_WKV6_GROUPS", "4")
+    monkeypatch.setenv("KERAS_RWKV_WKV6_FORM", "chunked")
+    with pytest.raises(ValueError, match="auto, step, parallel"):
         attributes(forward, *args)
 
 
 def _c_parameter_types(source, name):
     """The parameter types of C function `name` in `source`, as ctypes
     sees them: "ptr" (any pointer) or "i32" (int)."""
-    text = source.split(f"int {name}(", 1)[1].split(")", 1)[0]
+    text = source.split(f" {name}(", 1)[1].split(")", 1)[0]
     kinds = []
     for param in text.split(","):
         kinds.append("ptr" if "*" in param else "i32")
@@ -235,9 +242,18 @@ def test_torch_binding_argtypes_match_the_c_api():
     lib = FakeLib()
     torch_binding._declare(lib)
     names = {ctypes.c_void_p: "ptr", ctypes.c_int: "i32"}
-    for name in ("keras_rwkv_wkv6_forward", "keras_rwkv_wkv6_backward"):
+    for name in (
+        "keras_rwkv_wkv6_forward",
+        "keras_rwkv_wkv6_backward",
+        "keras_rwkv_wkv6_scratch_bytes",
+    ):
         declared = [names[t] for t in lib.functions[name].argtypes]
         assert declared == _c_parameter_types(source, name), name
+    # A size_t result read as a C int would truncate scratch sizes >= 2 GB.
+    assert (
+        lib.functions["keras_rwkv_wkv6_scratch_bytes"].restype
+        is ctypes.c_size_t
+    )
 
 
 # --- the kernel (GPU only) -------------------------------------------------
@@ -336,6 +352,49 @@ def test_every_launch_shape_matches_reference(monkeypatch, cols, groups):
     ref = _reference(inputs, gy, gs)
     for g, e in zip(got, ref):
         assert relative_error(g, e.detach().numpy()) <= GRAD_TOL
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    "b,t,n,with_state",
+    [
+        (2, 200, 16, True),
+        (1, 129, 32, True),
+        (3, 1000, 64, False),
+        (2, 63, 64, True),
+        (1, 64, 64, True),
+        (2, 77, 128, True),
+        (1, 5, 8, True),  # N = 8 has no parallel form: the step kernel
+    ],
+)
+def test_parallel_forward_matches_reference(monkeypatch, b, t, n, with_state):
+    """The chunk-parallel forward (KERAS_RWKV_WKV6_FORM=parallel) on whole
+    and ragged last chunks, every head size, decays from w_raw -10 to 5;
+    the backward (per-step) runs on its final state."""
+    monkeypatch.setenv("KERAS_RWKV_WKV6_FORM", "parallel")
+    monkeypatch.setenv("KERAS_RWKV_WKV6_SEGMENTS", "1")
+    inputs, gy, gs = _random(b, t, 2, n, seed=t + n, with_state=with_state)
+    got = _cuda_values_and_grads(inputs, gy, gs)
+    ref = _reference(inputs, gy, gs)
+    names = ["y", "state", "dr", "dk", "dv", "dlog_w", "du", "ds0"]
+    for name, g, e in zip(names, got, ref):
+        tol = FWD_TOL if name in ("y", "state") else GRAD_TOL
+        err = relative_error(g, e.detach().numpy())
+        assert err <= tol, f"{name}: relative error {err:.2e}"
+
+
+@needs_gpu
+def test_parallel_forward_bfloat16(monkeypatch):
+    monkeypatch.setenv("KERAS_RWKV_WKV6_FORM", "parallel")
+    inputs, gy, gs = _random(2, 300, 2, 64, seed=4, with_state=True)
+    rounded = [
+        torch.tensor(x).bfloat16().float().numpy() if i < 3 else x
+        for i, x in enumerate(inputs)
+    ]
+    got = _cuda_values_and_grads(rounded, gy, gs, dtype="bfloat16")
+    ref = _reference(rounded, gy, gs)
+    for g, e in zip(got, ref):
+        assert relative_error(g, e.detach().numpy()) <= 1e-2
 
 
 @needs_gpu

@@ -24,15 +24,12 @@ from keras_rwkv.utils import settings
 
 SOURCE_DIR = Path(__file__).resolve().parent
 MATVEC_DIR = SOURCE_DIR.parents[1] / "matvec" / "cuda"
+WKV6_HEADERS = ("wkv6_dispatch.cuh", "wkv6_kernels.cuh", "wkv6_parallel.cuh")
 # flavour: (library name, translation unit, headers it includes); the
 # cache key hashes all of them, so an edited header rebuilds the library.
 FLAVORS = {
-    "jax": ("wkv6_jax", SOURCE_DIR / "wkv6_jax_ffi.cu", ("wkv6_kernels.cuh",)),
-    "torch": (
-        "wkv6_torch",
-        SOURCE_DIR / "wkv6_c_api.cu",
-        ("wkv6_kernels.cuh",),
-    ),
+    "jax": ("wkv6_jax", SOURCE_DIR / "wkv6_jax_ffi.cu", WKV6_HEADERS),
+    "torch": ("wkv6_torch", SOURCE_DIR / "wkv6_c_api.cu", WKV6_HEADERS),
     "matvec_jax": (
         "matvec_jax",
         MATVEC_DIR / "matvec_jax_ffi.cu",

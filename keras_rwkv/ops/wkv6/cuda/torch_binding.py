@@ -35,13 +35,15 @@ def _declare(lib):
     """Sets the C API's argument and result types on `lib`."""
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     lib.keras_rwkv_wkv6_forward.argtypes = (
-        [i32] * 5 + [ptr] * 6 + [i32] + [ptr] * 2 + [i32] * 2 + [ptr]
+        [i32] * 5 + [ptr] * 6 + [i32] + [ptr] * 2 + [i32] * 3 + [ptr] * 2
     )
     lib.keras_rwkv_wkv6_forward.restype = i32
     lib.keras_rwkv_wkv6_backward.argtypes = (
         [i32] * 5 + [ptr] * 6 + [i32] + [ptr] * 10 + [i32] * 2 + [ptr]
     )
     lib.keras_rwkv_wkv6_backward.restype = i32
+    lib.keras_rwkv_wkv6_scratch_bytes.argtypes = [i32] * 5
+    lib.keras_rwkv_wkv6_scratch_bytes.restype = ctypes.c_size_t
     lib.keras_rwkv_wkv6_error_string.argtypes = [i32]
     lib.keras_rwkv_wkv6_error_string.restype = ctypes.c_char_p
 
@@ -74,9 +76,13 @@ def _forward(
     y = torch.empty_like(r)
     s = torch.empty((b, h, n, n), dtype=torch.float32, device=r.device)
     launch = settings.wkv6_launch()
+    lib = _state["lib"]
+    # The parallel form's chunk states; 0 bytes for the per-step form.
+    size = lib.keras_rwkv_wkv6_scratch_bytes(b, t, h, n, launch["form"])
+    scratch = torch.empty(size, dtype=torch.uint8, device=r.device)
     with torch.cuda.device(r.device):
         _check(
-            _state["lib"].keras_rwkv_wkv6_forward(
+            lib.keras_rwkv_wkv6_forward(
                 _DTYPES[r.dtype],
                 b,
                 t,
@@ -93,6 +99,8 @@ def _forward(
                 s.data_ptr(),
                 launch["cols"],
                 launch["groups"],
+                launch["form"],
+                scratch.data_ptr() if size else None,
                 _stream(r),
             )
         )

@@ -1,6 +1,6 @@
 // Plain C entry points (raw device pointers and a stream), loaded with
 // ctypes by the torch binding; building them needs no torch headers.
-#include "wkv6_kernels.cuh"
+#include "wkv6_dispatch.cuh"
 
 namespace kw = keras_rwkv_wkv6;
 
@@ -10,8 +10,8 @@ int keras_rwkv_wkv6_forward(int dtype, int B, int T, int H, int N,
                             const void* r, const void* k, const void* v,
                             const float* log_w, const float* u,
                             const float* s0, int s0_batched, void* y,
-                            float* s_out, int cols, int groups,
-                            void* stream) {
+                            float* s_out, int cols, int groups, int form,
+                            void* scratch, void* stream) {
   kw::Params p = {};
   p.B = B;
   p.T = T;
@@ -27,6 +27,8 @@ int keras_rwkv_wkv6_forward(int dtype, int B, int T, int H, int N,
   p.s_out = s_out;
   p.cols = cols;
   p.groups = groups;
+  p.form = form;
+  p.scratch = scratch;
   return kw::run(dtype, N, p, false, static_cast<cudaStream_t>(stream));
 }
 
@@ -62,6 +64,17 @@ int keras_rwkv_wkv6_backward(int dtype, int B, int T, int H, int N,
   p.cols = cols;
   p.groups = groups;
   return kw::run(dtype, N, p, true, static_cast<cudaStream_t>(stream));
+}
+
+// Bytes of device scratch keras_rwkv_wkv6_forward needs for this shape and
+// form (0: pass a null scratch).
+size_t keras_rwkv_wkv6_scratch_bytes(int B, int T, int H, int N, int form) {
+  kw::Params p = {};
+  p.B = B;
+  p.T = T;
+  p.H = H;
+  p.form = form;
+  return kw::scratch_bytes(p, N);
 }
 
 const char* keras_rwkv_wkv6_error_string(int code) {

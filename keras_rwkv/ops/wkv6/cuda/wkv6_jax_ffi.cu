@@ -1,8 +1,9 @@
 // XLA FFI handlers for JAX (registered from Python with
 // jax.ffi.register_ffi_target). Shapes come from the buffers.
+#include <optional>
 #include <string>
 
-#include "wkv6_kernels.cuh"
+#include "wkv6_dispatch.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -36,13 +37,14 @@ ffi::Error status(int rc) {
                               kw::error_string(rc));
 }
 
-ffi::Error forward_impl(cudaStream_t stream, ffi::AnyBuffer r,
+ffi::Error forward_impl(cudaStream_t stream,
+                        ffi::ScratchAllocator scratch, ffi::AnyBuffer r,
                         ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::Buffer<ffi::F32> log_w, ffi::Buffer<ffi::F32> u,
                         ffi::Buffer<ffi::F32> s0,
                         ffi::Result<ffi::AnyBuffer> y,
                         ffi::Result<ffi::Buffer<ffi::F32>> s_out,
-                        int32_t cols, int32_t groups) {
+                        int32_t cols, int32_t groups, int32_t form) {
   int dtype = 0;
   ffi::Error err = check_inputs(r, k, v, &dtype);
   if (err.failure()) return err;
@@ -64,6 +66,17 @@ ffi::Error forward_impl(cudaStream_t stream, ffi::AnyBuffer r,
   p.s_out = s_out->typed_data();
   p.cols = cols;
   p.groups = groups;
+  p.form = form;
+  if (const size_t bytes = kw::scratch_bytes(p, N)) {
+    // XLA's allocator orders the block on this stream.
+    std::optional<void*> block = scratch.Allocate(bytes, 16);
+    if (!block.has_value()) {
+      return ffi::Error::Internal(
+          "wkv6: no device memory for the parallel form's scratch (" +
+          std::to_string(bytes) + " bytes); set KERAS_RWKV_WKV6_FORM=step");
+    }
+    p.scratch = *block;
+  }
   return status(kw::run(dtype, N, p, false, stream));
 }
 
@@ -76,7 +89,8 @@ ffi::Error backward_impl(
     ffi::Result<ffi::Buffer<ffi::F32>> p_sum,
     ffi::Result<ffi::Buffer<ffi::F32>> q_sum,
     ffi::Result<ffi::Buffer<ffi::F32>> du_part,
-    ffi::Result<ffi::Buffer<ffi::F32>> ds0, int32_t cols, int32_t groups) {
+    ffi::Result<ffi::Buffer<ffi::F32>> ds0, int32_t cols, int32_t groups,
+    int32_t /*form: the backward has one*/) {
   int dtype = 0;
   ffi::Error err = check_inputs(r, k, v, &dtype);
   if (err.failure()) return err;
@@ -118,6 +132,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     KerasRwkvWkv6Forward, forward_impl,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::ScratchAllocator>()   // the parallel form's chunk states
         .Arg<ffi::AnyBuffer>()          // r
         .Arg<ffi::AnyBuffer>()          // k
         .Arg<ffi::AnyBuffer>()          // v
@@ -126,8 +141,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::F32>>()   // s0
         .Ret<ffi::AnyBuffer>()          // y
         .Ret<ffi::Buffer<ffi::F32>>()   // final state
-        .Attr<int32_t>("cols")          // Params::cols, groups
-        .Attr<int32_t>("groups"));
+        .Attr<int32_t>("cols")          // Params::cols, groups, form
+        .Attr<int32_t>("groups")
+        .Attr<int32_t>("form"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     KerasRwkvWkv6Backward, backward_impl,
@@ -149,5 +165,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::Buffer<ffi::F32>>()   // Q
         .Ret<ffi::Buffer<ffi::F32>>()   // du per batch
         .Ret<ffi::Buffer<ffi::F32>>()   // dS0 per batch
-        .Attr<int32_t>("cols")          // Params::cols, groups
-        .Attr<int32_t>("groups"));
+        .Attr<int32_t>("cols")          // Params::cols, groups, form
+        .Attr<int32_t>("groups")
+        .Attr<int32_t>("form"));
