@@ -496,11 +496,39 @@ def sanitize_case():
     print("sanitize case done")
 
 
+def profile_case(shape):
+    """Two forwards of the torch op at one B,T,H,N shape (bf16), for
+    Nsight Compute (`ncu -k regex:chunk_outputs ...`): the form is the
+    environment's."""
+    b, t, h, n = (int(x) for x in shape.split(","))
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*size):
+        return torch.randn(*size, device="cuda", generator=g)
+
+    r, k, v = (randn(b, t, h, n).bfloat16() for _ in range(3))
+    uniform = torch.empty(b, t, h, n, device="cuda").uniform_(
+        -6.0, 1.0, generator=g
+    )
+    log_w = -torch.exp(uniform)
+    for _ in range(2):
+        y, _ = torch_binding.wkv6(
+            r, k, v, log_w, randn(h, n), randn(b, h, n, n)
+        )
+    torch.cuda.synchronize()
+    print("profile case done:", float(y.float().abs().mean()))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--sanitize-case", action="store_true")
+    parser.add_argument(
+        "--profile-case",
+        default=None,
+        help="B,T,H,N: only run two forwards of the torch op there (ncu)",
+    )
     parser.add_argument(
         "--impls",
         default="torch,rwkv-ops,fla",
@@ -535,6 +563,9 @@ def main():
     import jaxlib
 
     torch_binding.load(arch())
+    if a.profile_case:
+        profile_case(a.profile_case)
+        return
     if not a.sanitize_case:
         jax_binding.load(arch())
     print(
