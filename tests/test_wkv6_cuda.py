@@ -130,11 +130,13 @@ def test_an_edited_header_rebuilds(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.backend_independent
 @pytest.mark.skipif(build.find_nvcc() is None, reason="no nvcc")
 @pytest.mark.parametrize("flavor", ["torch", "jax"])
 def test_sources_compile(tmp_path, monkeypatch, flavor):
     # Compiles for sm_90 whether or not a GPU is here (the step kernels'
-    # libraries are built and run by the GPU tests; CI's time is short).
+    # libraries are built and run by the GPU tests; CI's time is short,
+    # so this runs in the JAX pass only).
     monkeypatch.setenv("KERAS_RWKV_CACHE", str(tmp_path))
     include = []
     if flavor == "jax":
@@ -367,10 +369,10 @@ def test_every_launch_shape_matches_reference(monkeypatch, cols, groups):
         (1, 5, 8, True),  # N = 8 has no parallel form: the step kernel
     ],
 )
-def test_parallel_forward_matches_reference(monkeypatch, b, t, n, with_state):
-    """The chunk-parallel forward (KERAS_RWKV_WKV6_FORM=parallel) on whole
-    and ragged last chunks, every head size, decays from w_raw -10 to 5;
-    the backward (per-step) runs on its final state."""
+def test_parallel_form_matches_reference(monkeypatch, b, t, n, with_state):
+    """The chunk-parallel forward and backward (KERAS_RWKV_WKV6_FORM=
+    parallel) on whole and ragged last chunks, every head size, decays
+    from w_raw -10 to 5, every gradient."""
     monkeypatch.setenv("KERAS_RWKV_WKV6_FORM", "parallel")
     monkeypatch.setenv("KERAS_RWKV_WKV6_SEGMENTS", "1")
     inputs, gy, gs = _random(b, t, 2, n, seed=t + n, with_state=with_state)
@@ -384,7 +386,7 @@ def test_parallel_forward_matches_reference(monkeypatch, b, t, n, with_state):
 
 
 @needs_gpu
-def test_parallel_forward_bfloat16(monkeypatch):
+def test_parallel_form_bfloat16(monkeypatch):
     monkeypatch.setenv("KERAS_RWKV_WKV6_FORM", "parallel")
     inputs, gy, gs = _random(2, 300, 2, 64, seed=4, with_state=True)
     rounded = [

@@ -149,7 +149,7 @@ def wkv_segments():
 WKV6_COLS_ENV_VAR = "KERAS_RWKV_WKV6_COLS"
 WKV6_GROUPS_ENV_VAR = "KERAS_RWKV_WKV6_GROUPS"
 WKV6_FORM_ENV_VAR = "KERAS_RWKV_WKV6_FORM"
-# The CUDA forward's forms, as the kernels' `Form` numbers them.
+# The CUDA kernels' forms, as their `Form` numbers them.
 WKV6_FORMS = {"auto": 0, "step": 1, "parallel": 2}
 
 
@@ -157,10 +157,10 @@ def wkv6_launch():
     """The CUDA WKV kernel's forced launch choices, for benchmarks and
     tests, as the kernels' `Params` take them (0: the kernel's own
     choice): `KERAS_RWKV_WKV6_COLS` (1, 2 or 4),
-    `KERAS_RWKV_WKV6_GROUPS` (1, 2, 4 or 8) and the forward's form,
-    `KERAS_RWKV_WKV6_FORM` ("auto", "step" or "parallel", see
-    docs/cuda_kernel.md). Read at each call (trace time under `jit`), so a
-    setting changed between calls takes effect.
+    `KERAS_RWKV_WKV6_GROUPS` (1, 2, 4 or 8) and the kernels' form,
+    forward and backward, `KERAS_RWKV_WKV6_FORM` ("auto", "step" or
+    "parallel", see docs/cuda_kernel.md). Read at each call (trace time
+    under `jit`), so a setting changed between calls takes effect.
 
     Returns:
         A dict with int entries `cols`, `groups` and `form`.

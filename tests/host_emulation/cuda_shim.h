@@ -34,16 +34,18 @@ inline thread_local float4* host_shared = nullptr;
 inline void __syncthreads() { host_barrier->arrive_and_wait(); }
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(x)
 #define __ldg(p) (*(p))
 using std::min;
 typedef int cudaError_t;
 
-// Runs kern() as a grid of gx x gy blocks of `threads`, one block at a
-// time, with `floats` of shared memory each.
+// Runs kern() as a grid of gx x gy x gz blocks of `threads`, one block at
+// a time, with `floats` of shared memory each.
 template <typename F>
-void host_grid(int gx, int gy, int threads, size_t floats, F kern) {
+void host_grid(int gx, int gy, int gz, int threads, size_t floats, F kern) {
+  for (int bz = 0; bz < gz; ++bz) {
   for (int by = 0; by < gy; ++by) {
     for (int bx = 0; bx < gx; ++bx) {
       std::vector<float4> shared(floats / 4 + 1,
@@ -56,12 +58,14 @@ void host_grid(int gx, int gy, int threads, size_t floats, F kern) {
           threadIdx.x = t;
           blockIdx.x = bx;
           blockIdx.y = by;
+          blockIdx.z = bz;
           host_shared = shared.data();
           kern();
         });
       }
       for (auto& th : pool) th.join();
     }
+  }
   }
 }
 
@@ -78,6 +82,16 @@ struct Params {
   int64_t s0_bstride;
   void* y;
   float* s_out;
+  const void* dy;
+  const float* gs;
+  const float* s_T;
+  void* dr;
+  void* dk;
+  void* dv;
+  float* p;
+  float* q;
+  float* du_part;
+  float* ds0;
   int form;
   void* scratch;
 };

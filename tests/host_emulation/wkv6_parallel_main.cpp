@@ -1,7 +1,9 @@
-// Runs the three launches of the parallel WKV6 forward on the host.
-// Usage: wkv6_parallel DIR B T H N WITH_STATE; reads DIR/{r,k,v,w,u,s0}
-// (float32, [B,T,H,N] / [H,N] / [B,H,N,N]), writes DIR/{y,s}.
-// Built by tests/test_wkv6_parallel_host.py after the kernels' header.
+// Runs the launches of the parallel WKV6 forward, then of its backward,
+// on the host. Usage: wkv6_parallel DIR B T H N WITH_STATE; reads
+// DIR/{r,k,v,w,u,s0,dy,gs} (float32, [B,T,H,N] / [H,N] / [B,H,N,N]),
+// writes DIR/{y,s} and DIR/{dr,dk,dv,p,q,du,ds0} (the per-step backward's
+// outputs: P and Q the running sums of dlog_w, du per batch row).
+// Built by tests/test_wkv6_parallel_host.py after the kernels' headers.
 
 namespace kw = keras_rwkv_wkv6;
 
@@ -29,7 +31,8 @@ static void write(const char* dir, const char* name,
 
 template <int N>
 static void run(const char* dir, int B, int T, int H, bool with_state) {
-  using D = kw::par::Dims<N>;
+  constexpr int L = kw::par::kFwdLen<N>;
+  using D = kw::par::Dims<N, L>;
   const size_t seq = static_cast<size_t>(B) * T * H * N;
   const size_t states = static_cast<size_t>(B) * H * N * N;
   auto r = read(dir, "r", seq), k = read(dir, "k", seq);
@@ -44,21 +47,59 @@ static void run(const char* dir, int B, int T, int H, bool with_state) {
   p.s0 = with_state ? s0.data() : nullptr;
   p.s0_bstride = static_cast<int64_t>(H) * N * N;
   p.y = y.data(), p.s_out = s.data();
-  const int nc = kw::par::chunks(p, N);
-  std::vector<float> scratch(kw::par::scratch_bytes(p, N) / 4, NAN);
+  const int nc = kw::par::chunks(p, L);
+  std::vector<float> scratch(kw::par::forward_scratch_bytes(p, N) / 4, NAN);
   float* sc = scratch.data();
   const int threads = kw::par::kThreads;
-  host_grid(B * H, nc, threads, D::kStates, [&] {
-    kw::par::chunk_states_kernel<float, N>(p, sc, nc);
+  host_grid(B * H, nc, 1, threads, D::kTerms, [&] {
+    kw::par::chunk_terms_kernel<float, N, L>(p, sc, nullptr, nc);
   });
   const int64_t entries = static_cast<int64_t>(states);
-  host_grid((entries + 255) / 256, 1, 256, 0,
-            [&] { kw::par::pass_states_kernel<N>(p, sc, nc); });
-  host_grid(B * H, nc, threads, D::kOutputs, [&] {
+  host_grid((entries + 255) / 256, 1, 1, 256, 0, [&] {
+    kw::par::pass_states_kernel<N>(p, sc, nullptr, nc);
+  });
+  host_grid(B * H, nc, 1, threads, D::kOutputs, [&] {
     kw::par::chunk_outputs_kernel<float, N>(p, sc, nc);
   });
   write(dir, "y", y);
   write(dir, "s", s);
+
+  constexpr int LB = kw::par::kBwdLen<N>;
+  auto dy = read(dir, "dy", seq), gs = read(dir, "gs", states);
+  std::vector<float> dr(seq, NAN), dk(seq, NAN), dv(seq, NAN);
+  std::vector<float> pp(seq, NAN), qq(seq, NAN);
+  std::vector<float> du(static_cast<size_t>(B) * H * N, NAN);
+  std::vector<float> ds0(states, NAN);
+  p.dy = dy.data(), p.gs = gs.data(), p.s_T = s.data();
+  p.dr = dr.data(), p.dk = dk.data(), p.dv = dv.data();
+  p.p = pp.data(), p.q = qq.data(), p.du_part = du.data();
+  p.ds0 = ds0.data();
+  p.s_out = nullptr;
+  const int nb = kw::par::chunks(p, LB);
+  std::vector<float> bwd(kw::par::backward_scratch_bytes(p, N) / 4, NAN);
+  p.scratch = bwd.data();
+  const kw::par::BwdScratch<N> sc2(p, nb);
+  host_grid(B * H, nb, 2, threads, kw::par::Dims<N, LB>::kTerms, [&] {
+    kw::par::chunk_terms_kernel<float, N, LB>(p, sc2.states, sc2.grads, nb);
+  });
+  host_grid((entries + 255) / 256, 2, 1, 256, 0, [&] {
+    kw::par::pass_states_kernel<N>(p, sc2.states, sc2.grads, nb);
+  });
+  host_grid(B * H, nb, 1, threads, kw::par::BwdDims<N, LB>::kGrads,
+            [&] { kw::par::chunk_grads_kernel<float, N>(p, nb); });
+  host_grid((B * H * N + 255) / 256, 1, 1, 256, 0, [&] {
+    kw::par::carries_kernel<N>(p, sc2.sums, nb);
+  });
+  host_grid(B * H, nb, 1, threads, 0, [&] {
+    kw::par::add_carries_kernel<N, LB>(p, sc2.sums, nb);
+  });
+  write(dir, "dr", dr);
+  write(dir, "dk", dk);
+  write(dir, "dv", dv);
+  write(dir, "p", pp);
+  write(dir, "q", qq);
+  write(dir, "du", du);
+  write(dir, "ds0", ds0);
 }
 
 int main(int argc, char** argv) {

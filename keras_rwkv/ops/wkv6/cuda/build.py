@@ -24,7 +24,12 @@ from keras_rwkv.utils import settings
 
 SOURCE_DIR = Path(__file__).resolve().parent
 MATVEC_DIR = SOURCE_DIR.parents[1] / "matvec" / "cuda"
-WKV6_HEADERS = ("wkv6_dispatch.cuh", "wkv6_kernels.cuh", "wkv6_parallel.cuh")
+WKV6_HEADERS = (
+    "wkv6_dispatch.cuh",
+    "wkv6_kernels.cuh",
+    "wkv6_parallel.cuh",
+    "wkv6_parallel_bwd.cuh",
+)
 # flavour: (library name, translation unit, headers it includes); the
 # cache key hashes all of them, so an edited header rebuilds the library.
 FLAVORS = {

@@ -39,10 +39,10 @@ def _declare(lib):
     )
     lib.keras_rwkv_wkv6_forward.restype = i32
     lib.keras_rwkv_wkv6_backward.argtypes = (
-        [i32] * 5 + [ptr] * 6 + [i32] + [ptr] * 10 + [i32] * 2 + [ptr]
+        [i32] * 5 + [ptr] * 6 + [i32] + [ptr] * 10 + [i32] * 3 + [ptr] * 2
     )
     lib.keras_rwkv_wkv6_backward.restype = i32
-    lib.keras_rwkv_wkv6_scratch_bytes.argtypes = [i32] * 5
+    lib.keras_rwkv_wkv6_scratch_bytes.argtypes = [i32] * 6
     lib.keras_rwkv_wkv6_scratch_bytes.restype = ctypes.c_size_t
     lib.keras_rwkv_wkv6_error_string.argtypes = [i32]
     lib.keras_rwkv_wkv6_error_string.restype = ctypes.c_char_p
@@ -57,6 +57,19 @@ def _check(rc):
     if rc != 0:
         msg = _state["lib"].keras_rwkv_wkv6_error_string(rc).decode()
         raise RuntimeError(f"wkv6 CUDA kernel: {msg}")
+
+
+def _scratch(r, launch, backward):
+    """The parallel form's chunk states as a byte tensor, or None for the
+    per-step form. The caller keeps it until the launch is queued;
+    torch's allocator orders its reuse on the stream."""
+    b, t, h, n = r.shape
+    size = _state["lib"].keras_rwkv_wkv6_scratch_bytes(
+        b, t, h, n, launch["form"], int(backward)
+    )
+    if not size:
+        return None
+    return torch.empty(size, dtype=torch.uint8, device=r.device)
 
 
 def _stream(x):
@@ -77,9 +90,7 @@ def _forward(
     s = torch.empty((b, h, n, n), dtype=torch.float32, device=r.device)
     launch = settings.wkv6_launch()
     lib = _state["lib"]
-    # The parallel form's chunk states; 0 bytes for the per-step form.
-    size = lib.keras_rwkv_wkv6_scratch_bytes(b, t, h, n, launch["form"])
-    scratch = torch.empty(size, dtype=torch.uint8, device=r.device)
+    scratch = _scratch(r, launch, backward=False)
     with torch.cuda.device(r.device):
         _check(
             lib.keras_rwkv_wkv6_forward(
@@ -100,7 +111,7 @@ def _forward(
                 launch["cols"],
                 launch["groups"],
                 launch["form"],
-                scratch.data_ptr() if size else None,
+                None if scratch is None else scratch.data_ptr(),
                 _stream(r),
             )
         )
@@ -138,6 +149,7 @@ def _backward_op(
     du = torch.empty((b, h, n), dtype=torch.float32, device=r.device)
     ds0 = torch.empty((b, h, n, n), dtype=torch.float32, device=r.device)
     launch = settings.wkv6_launch()
+    scratch = _scratch(r, launch, backward=True)
     with torch.cuda.device(r.device):
         _check(
             _state["lib"].keras_rwkv_wkv6_backward(
@@ -165,6 +177,8 @@ def _backward_op(
                 ds0.data_ptr(),
                 launch["cols"],
                 launch["groups"],
+                launch["form"],
+                None if scratch is None else scratch.data_ptr(),
                 _stream(r),
             )
         )

@@ -39,7 +39,8 @@ int keras_rwkv_wkv6_backward(int dtype, int B, int T, int H, int N,
                              const float* gs, const float* s_T, void* dr,
                              void* dk, void* dv, float* p_sum, float* q_sum,
                              float* du_part, float* ds0, int cols,
-                             int groups, void* stream) {
+                             int groups, int form, void* scratch,
+                             void* stream) {
   kw::Params p = {};
   p.B = B;
   p.T = T;
@@ -63,18 +64,21 @@ int keras_rwkv_wkv6_backward(int dtype, int B, int T, int H, int N,
   p.ds0 = ds0;
   p.cols = cols;
   p.groups = groups;
+  p.form = form;
+  p.scratch = scratch;
   return kw::run(dtype, N, p, true, static_cast<cudaStream_t>(stream));
 }
 
-// Bytes of device scratch keras_rwkv_wkv6_forward needs for this shape and
-// form (0: pass a null scratch).
-size_t keras_rwkv_wkv6_scratch_bytes(int B, int T, int H, int N, int form) {
+// Bytes of device scratch keras_rwkv_wkv6_forward (backward = 0) or
+// _backward (1) needs for this shape and form (0: pass a null scratch).
+size_t keras_rwkv_wkv6_scratch_bytes(int B, int T, int H, int N, int form,
+                                     int backward) {
   kw::Params p = {};
   p.B = B;
   p.T = T;
   p.H = H;
   p.form = form;
-  return kw::scratch_bytes(p, N);
+  return kw::scratch_bytes(p, N, backward != 0);
 }
 
 const char* keras_rwkv_wkv6_error_string(int code) {

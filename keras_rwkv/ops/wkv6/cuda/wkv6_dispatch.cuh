@@ -4,7 +4,7 @@
 #pragma once
 
 #include "wkv6_kernels.cuh"
-#include "wkv6_parallel.cuh"
+#include "wkv6_parallel_bwd.cuh"
 
 namespace keras_rwkv_wkv6 {
 
@@ -87,23 +87,27 @@ inline cudaError_t launch_shaped(const Params& p, bool backward,
 // Python at each call). kFormAuto leaves the choice here.
 enum Form : int { kFormAuto = 0, kFormStep = 1, kFormParallel = 2 };
 
-// Whether the forward runs chunk-parallel. Its geometry needs N >= 16
-// (smaller heads always step). Auto picks the per-step kernel until the
-// parallel form is measured faster (benchmarks/RESULTS.md).
-inline bool parallel_forward(const Params& p, int N) {
+// Whether a call (forward or backward) runs chunk-parallel. Its geometry
+// needs N >= 16 (smaller heads always step). Auto picks the per-step
+// kernels until the parallel form is measured faster
+// (benchmarks/RESULTS.md).
+inline bool parallel_form(const Params& p, int N) {
   return N >= 16 && p.form == kFormParallel;
 }
 
-// Bytes of device scratch a forward call needs (0 for the per-step form):
-// the caller allocates them and passes them in Params::scratch.
-inline size_t scratch_bytes(const Params& p, int N) {
-  return parallel_forward(p, N) ? par::scratch_bytes(p, N) : 0;
+// Bytes of device scratch a call needs (0 for the per-step form): the
+// caller allocates them and passes them in Params::scratch.
+inline size_t scratch_bytes(const Params& p, int N, bool backward) {
+  if (!parallel_form(p, N)) return 0;
+  return backward ? par::backward_scratch_bytes(p, N)
+                  : par::forward_scratch_bytes(p, N);
 }
 
 template <typename T, int N>
 inline cudaError_t launch_form(const Params& p, bool parallel, bool backward,
                                cudaStream_t stream) {
   if constexpr (N >= 16) {
+    if (parallel && backward) return par::launch_backward<T, N>(p, stream);
     if (parallel) return par::launch<T, N>(p, stream);
   }
   return launch_shaped<T, N>(p, backward, stream);
@@ -114,7 +118,7 @@ inline cudaError_t launch_form(const Params& p, bool parallel, bool backward,
 inline int run(int dtype, int N, const Params& p, bool backward,
                cudaStream_t stream) {
   if (p.B == 0 || p.T == 0 || p.H == 0) return 0;
-  const bool parallel = !backward && parallel_forward(p, N);
+  const bool parallel = parallel_form(p, N);
   if (parallel && p.scratch == nullptr) return -3;
 #define KERAS_RWKV_WKV6_CASE(NN)                                       \
   case NN:                                                             \

@@ -37,6 +37,22 @@ ffi::Error status(int rc) {
                               kw::error_string(rc));
 }
 
+// The parallel form's scratch (chunk states), from XLA's allocator, which
+// orders the block on this call's stream.
+ffi::Error allocate_scratch(ffi::ScratchAllocator& scratch, int N,
+                            bool backward, kw::Params* p) {
+  const size_t bytes = kw::scratch_bytes(*p, N, backward);
+  if (bytes == 0) return ffi::Error::Success();
+  std::optional<void*> block = scratch.Allocate(bytes, 16);
+  if (!block.has_value()) {
+    return ffi::Error::Internal(
+        "wkv6: no device memory for the parallel form's scratch (" +
+        std::to_string(bytes) + " bytes); set KERAS_RWKV_WKV6_FORM=step");
+  }
+  p->scratch = *block;
+  return ffi::Error::Success();
+}
+
 ffi::Error forward_impl(cudaStream_t stream,
                         ffi::ScratchAllocator scratch, ffi::AnyBuffer r,
                         ffi::AnyBuffer k, ffi::AnyBuffer v,
@@ -67,21 +83,14 @@ ffi::Error forward_impl(cudaStream_t stream,
   p.cols = cols;
   p.groups = groups;
   p.form = form;
-  if (const size_t bytes = kw::scratch_bytes(p, N)) {
-    // XLA's allocator orders the block on this stream.
-    std::optional<void*> block = scratch.Allocate(bytes, 16);
-    if (!block.has_value()) {
-      return ffi::Error::Internal(
-          "wkv6: no device memory for the parallel form's scratch (" +
-          std::to_string(bytes) + " bytes); set KERAS_RWKV_WKV6_FORM=step");
-    }
-    p.scratch = *block;
-  }
+  err = allocate_scratch(scratch, N, false, &p);
+  if (err.failure()) return err;
   return status(kw::run(dtype, N, p, false, stream));
 }
 
 ffi::Error backward_impl(
-    cudaStream_t stream, ffi::AnyBuffer r, ffi::AnyBuffer k, ffi::AnyBuffer v,
+    cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer r,
+    ffi::AnyBuffer k, ffi::AnyBuffer v,
     ffi::Buffer<ffi::F32> log_w, ffi::Buffer<ffi::F32> u,
     ffi::Buffer<ffi::F32> s0, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> gs,
     ffi::Buffer<ffi::F32> s_T, ffi::Result<ffi::AnyBuffer> dr,
@@ -90,7 +99,7 @@ ffi::Error backward_impl(
     ffi::Result<ffi::Buffer<ffi::F32>> q_sum,
     ffi::Result<ffi::Buffer<ffi::F32>> du_part,
     ffi::Result<ffi::Buffer<ffi::F32>> ds0, int32_t cols, int32_t groups,
-    int32_t /*form: the backward has one*/) {
+    int32_t form) {
   int dtype = 0;
   ffi::Error err = check_inputs(r, k, v, &dtype);
   if (err.failure()) return err;
@@ -123,6 +132,9 @@ ffi::Error backward_impl(
   p.ds0 = ds0->typed_data();
   p.cols = cols;
   p.groups = groups;
+  p.form = form;
+  err = allocate_scratch(scratch, N, true, &p);
+  if (err.failure()) return err;
   return status(kw::run(dtype, N, p, true, stream));
 }
 
@@ -149,6 +161,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     KerasRwkvWkv6Backward, backward_impl,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::ScratchAllocator>()   // the parallel form's chunk states
         .Arg<ffi::AnyBuffer>()          // r
         .Arg<ffi::AnyBuffer>()          // k
         .Arg<ffi::AnyBuffer>()          // v
