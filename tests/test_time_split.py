@@ -106,6 +106,17 @@ def test_segment_count_rule(monkeypatch):
     assert time_split.segment_count(1, 4 * shortest, 1) == 4
 
 
+def test_the_parallel_form_is_not_split(monkeypatch):
+    # It already runs every chunk at once; a forced count still applies.
+    monkeypatch.delenv(time_split.SEGMENTS_ENV_VAR, raising=False)
+    monkeypatch.delenv("KERAS_RWKV_WKV6_FORM", raising=False)
+    assert time_split.segment_count(1, 4096, 32) > 1
+    monkeypatch.setenv("KERAS_RWKV_WKV6_FORM", "parallel")
+    assert time_split.segment_count(1, 4096, 32) == 1
+    monkeypatch.setenv("KERAS_RWKV_WKV6_SEGMENTS", "4")
+    assert time_split.segment_count(1, 4096, 32) == 4
+
+
 def test_segment_count_sees_each_devices_shard(monkeypatch):
     """Under a distribution the rule counts the chains of one device: the
     batch over the batch axis, the heads over the model axis."""

@@ -69,7 +69,9 @@ def segment_count(batch, seq_len, num_heads):
     smallest power of two K that makes `TARGET_CHAINS`, as long as
     segments keep at least `MIN_SEGMENT` steps; otherwise 1 (no split).
     The `KERAS_RWKV_WKV6_SEGMENTS` environment variable forces K (capped
-    at the sequence length).
+    at the sequence length). The chunk-parallel form
+    (`KERAS_RWKV_WKV6_FORM=parallel`) already runs every chunk at once,
+    so under it nothing is split unless forced.
 
     Args:
         batch, seq_len, num_heads: ints, the op's (global) shape.
@@ -80,6 +82,8 @@ def segment_count(batch, seq_len, num_heads):
     forced = settings.wkv_segments()
     if forced is not None:
         return min(forced, seq_len)
+    if settings.wkv6_launch()["form"] == settings.WKV6_FORMS["parallel"]:
+        return 1
     batch, num_heads = _per_device(batch, num_heads)
     chains = batch * num_heads
     segments = 1
