@@ -1,6 +1,6 @@
-// Which kernel runs a WKV6 call, and with what launch shape: the
-// per-step kernels (wkv6_kernels.cuh) or, for the forward, the
-// chunk-parallel one (wkv6_parallel.cuh). The two bindings call `run`.
+// Which kernels run a WKV6 call, and with what launch shape: the per-step
+// kernels (wkv6_kernels.cuh) or the chunk-parallel ones
+// (wkv6_parallel.cuh, wkv6_parallel_bwd.cuh). The two bindings call `run`.
 #pragma once
 
 #include "wkv6_kernels.cuh"
@@ -83,8 +83,9 @@ inline cudaError_t launch_shaped(const Params& p, bool backward,
   return launch_groups<T, N, 1>(p, backward, s.groups, stream);
 }
 
-// The forward's form: Params::form, from KERAS_RWKV_WKV6_FORM (read in
-// Python at each call). kFormAuto leaves the choice here.
+// The kernels' form, forward and backward: Params::form, from
+// KERAS_RWKV_WKV6_FORM (read in Python at each call). kFormAuto leaves the
+// choice here.
 enum Form : int { kFormAuto = 0, kFormStep = 1, kFormParallel = 2 };
 
 // Whether a call (forward or backward) runs chunk-parallel. Its geometry
@@ -103,10 +104,27 @@ inline size_t scratch_bytes(const Params& p, int N, bool backward) {
                   : par::forward_scratch_bytes(p, N);
 }
 
+// Whether this GPU gives a block the shared memory the parallel form's
+// largest kernel takes (up to 97 KB: sm_80 and newer).
+template <int N>
+inline bool parallel_fits(bool backward) {
+  const int bytes =
+      sizeof(float) *
+      (backward ? par::BwdDims<N, par::kBwdLen<N>>::kGrads
+                : par::Dims<N, par::kFwdLen<N>>::kOutputs);
+  int device = 0, limit = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&limit,
+                                cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                device) == cudaSuccess &&
+         limit >= bytes;
+}
+
 template <typename T, int N>
-inline cudaError_t launch_form(const Params& p, bool parallel, bool backward,
-                               cudaStream_t stream) {
+inline int launch_form(const Params& p, bool parallel, bool backward,
+                       cudaStream_t stream) {
   if constexpr (N >= 16) {
+    if (parallel && !parallel_fits<N>(backward)) return -4;
     if (parallel && backward) return par::launch_backward<T, N>(p, stream);
     if (parallel) return par::launch<T, N>(p, stream);
   }
@@ -114,7 +132,7 @@ inline cudaError_t launch_form(const Params& p, bool parallel, bool backward,
 }
 
 // Returns 0, a cudaError_t (> 0), or -1 (head size) / -2 (dtype) / -3
-// (no scratch for the parallel form).
+// (no scratch for the parallel form) / -4 (too little shared memory).
 inline int run(int dtype, int N, const Params& p, bool backward,
                cudaStream_t stream) {
   if (p.B == 0 || p.T == 0 || p.H == 0) return 0;
@@ -142,6 +160,10 @@ inline const char* error_string(int code) {
   if (code == -1) return "unsupported head size (use 8, 16, 32, 64 or 128)";
   if (code == -2) return "unsupported dtype (use float32 or bfloat16)";
   if (code == -3) return "the parallel form was given no scratch memory";
+  if (code == -4) {
+    return "this GPU has too little shared memory a block for the parallel "
+           "form (sm_80 or newer); set KERAS_RWKV_WKV6_FORM=step";
+  }
   return cudaGetErrorString(static_cast<cudaError_t>(code));
 }
 
