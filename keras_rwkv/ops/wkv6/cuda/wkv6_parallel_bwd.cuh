@@ -28,10 +28,12 @@ struct BwdDims : Dims<N, L> {
   using D = Dims<N, L>;
   // Launch 3's shared floats: r~, k~, rho, kappa [N][LP]; v, dy [L][N];
   // A at [s][t] and B at [t][s], [L][LP]; per sub-chunk: log decay
-  // totals, 2^{a_f(q)}, 2^{a_end - a_e(q)} [Q][N]; per pair [NB][N].
-  static constexpr int kGrads =
-      4 * N * D::LP + 2 * L * N + 2 * L * D::LP + 3 * D::Q * N + D::NB * N;
-  // Output tiles of launch 3: 2 steps x TC keys (or values) a thread.
+  // totals, 2^{a_f(q)}, 2^{a_end - a_e(q)} [Q][N]; per pair [NB][N]; and
+  // S_start, then G_end, transposed [N][N + 1].
+  static constexpr int kGrads = 4 * N * D::LP + 2 * L * N + 2 * L * D::LP +
+                                3 * D::Q * N + D::NB * N + N * (N + 1);
+  // Output tiles of launch 3: 2 steps x TC keys (or values) a thread, the
+  // keys N / TC apart, so a warp's lanes read and write neighbours.
   static constexpr int TC = L * N / kThreads / 2;
   static_assert(TC >= 1 && 2 * TC * kThreads == L * N, "bad tiles");
   static_assert(D::P * N <= L * D::LP, "scan totals reuse the scores");
@@ -112,6 +114,7 @@ __global__ void __launch_bounds__(kThreads)
   float* E = tot + Q * N;                       // [Q][N] 2^{a_f(q)}
   float* H = E + Q * N;                         // [Q][N] 2^{a_end - a_e(q)}
   float* G = H + Q * N;                         // [NB][N]
+  float* XT = G + D::NB * N;                    // [N][N + 1]
   const int bh = blockIdx.x, c = blockIdx.y;
   const int b = bh / p.H, h = bh % p.H;
   const int t0 = c * L, len = min(L, p.T - t0);
@@ -129,9 +132,10 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   // This thread's tile: steps tr, tr + 1 (one sub-chunk, q) and keys (or
-  // values) c0 .. c0 + TC - 1. First the terms inside the sub-chunk, each
+  // values) c0 + y CS, y < TC. First the terms inside the sub-chunk, each
   // pair with its own exponential, from the raw r and k.
-  const int tr = threadIdx.x / (N / TC) * 2, c0 = threadIdx.x % (N / TC) * TC;
+  constexpr int CS = N / TC;  // between a thread's keys
+  const int tr = threadIdx.x / CS * 2, c0 = threadIdx.x % CS;
   const int q = tr / kSub, q0 = q * kSub;
   float dgr[2][TC], dgk[2][TC], bon_r[2][TC], bon_k[2][TC];
   float rdr[2][TC], kdk[2][TC];
@@ -140,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
     const int t = tr + x;
 #pragma unroll
     for (int y = 0; y < TC; ++y) {
-      const int i = c0 + y;
+      const int i = c0 + y * CS;
       const float* w = wT + i * LP;
       float gr = 0.f, e = 0.f;
       for (int s = t - 1; s >= q0; --s) {
@@ -182,7 +186,7 @@ __global__ void __launch_bounds__(kThreads)
     const float a[2] = {AT[tr * LP + t], AT[(tr + 1) * LP + t]};
 #pragma unroll
     for (int y = 0; y < TC; ++y) {
-      const float d = dyS[t * N + c0 + y];
+      const float d = dyS[t * N + c0 + y * CS];
       dv[0][y] = fmaf(a[0], d, dv[0][y]);
       dv[1][y] = fmaf(a[1], d, dv[1][y]);
     }
@@ -193,30 +197,37 @@ __global__ void __launch_bounds__(kThreads)
     const float ks[2] = {k2.x * hq, k2.y * hq};
 #pragma unroll
     for (int y = 0; y < TC; ++y) {
-      const float g = __ldg(g_end + i * N + c0 + y);
+      const float g = __ldg(g_end + i * N + c0 + y * CS);
       dv[0][y] = fmaf(ks[0], g, dv[0][y]);
       dv[1][y] = fmaf(ks[1], g, dv[1][y]);
     }
   }
   // zr_t = E_q (S_start dy_t) + sum_{p<q} G_qp sum_{s in p} B_ts k~_s;
   // zk_s = H_q (G_end v_s) + sum_{q'>q} G_q'q sum_{t in q'} B_ts r~_t.
-  for (int j = 0; j < N; ++j) {
-    const float d[2] = {dyS[tr * N + j], dyS[(tr + 1) * N + j]};
-    const float v[2] = {vS[tr * N + j], vS[(tr + 1) * N + j]};
+  // S_start and G_end are read transposed, from shared memory (read from
+  // global memory by rows, a warp's lanes would each load another line).
+  auto transposed_product = [&](const float* x, const float* by,
+                                float(&z)[2][TC]) {
+    __syncthreads();  // (the last product has read XT)
+    for (int idx = threadIdx.x; idx < N * N; idx += kThreads) {
+      XT[idx % N * (N + 1) + idx / N] = x[idx];
+    }
+    __syncthreads();
+    for (int j = 0; j < N; ++j) {
+      const float d[2] = {by[tr * N + j], by[(tr + 1) * N + j]};
 #pragma unroll
-    for (int y = 0; y < TC; ++y) {
-      const float s = __ldg(s_start + (c0 + y) * N + j);
-      const float g = __ldg(g_end + (c0 + y) * N + j);
-#pragma unroll
-      for (int x = 0; x < 2; ++x) {
-        zr[x][y] = fmaf(s, d[x], zr[x][y]);
-        zk[x][y] = fmaf(g, v[x], zk[x][y]);
+      for (int y = 0; y < TC; ++y) {
+        const float xt = XT[j * (N + 1) + c0 + y * CS];
+        z[0][y] = fmaf(xt, d[0], z[0][y]);
+        z[1][y] = fmaf(xt, d[1], z[1][y]);
       }
     }
-  }
+  };
+  transposed_product(s_start, dyS, zr);
+  transposed_product(g_end, vS, zk);
 #pragma unroll
   for (int y = 0; y < TC; ++y) {
-    const int i = c0 + y;
+    const int i = c0 + y * CS;
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
       zr[x][y] *= E[q * N + i];
@@ -231,7 +242,7 @@ __global__ void __launch_bounds__(kThreads)
       const float bx[2] = {BS[tr * LP + m], BS[(tr + 1) * LP + m]};
 #pragma unroll
       for (int y = 0; y < TC; ++y) {
-        const float f = kT[(c0 + y) * LP + m];
+        const float f = kT[(c0 + y * CS) * LP + m];
         acc[0][y] = fmaf(bx[0], f, acc[0][y]);
         acc[1][y] = fmaf(bx[1], f, acc[1][y]);
       }
@@ -239,7 +250,7 @@ __global__ void __launch_bounds__(kThreads)
     const int blk = q * (q - 1) / 2 + pp;
 #pragma unroll
     for (int y = 0; y < TC; ++y) {
-      const float g = G[blk * N + c0 + y];
+      const float g = G[blk * N + c0 + y * CS];
       zr[0][y] = fmaf(g, acc[0][y], zr[0][y]);
       zr[1][y] = fmaf(g, acc[1][y], zr[1][y]);
     }
@@ -250,7 +261,7 @@ __global__ void __launch_bounds__(kThreads)
       const float2 b2 = *reinterpret_cast<const float2*>(BS + m * LP + tr);
 #pragma unroll
       for (int y = 0; y < TC; ++y) {
-        const float f = rT[(c0 + y) * LP + m];
+        const float f = rT[(c0 + y * CS) * LP + m];
         acc[0][y] = fmaf(b2.x, f, acc[0][y]);
         acc[1][y] = fmaf(b2.y, f, acc[1][y]);
       }
@@ -258,7 +269,7 @@ __global__ void __launch_bounds__(kThreads)
     const int blk = pp * (pp - 1) / 2 + q;
 #pragma unroll
     for (int y = 0; y < TC; ++y) {
-      const float g = G[blk * N + c0 + y];
+      const float g = G[blk * N + c0 + y * CS];
       zk[0][y] = fmaf(g, acc[0][y], zk[0][y]);
       zk[1][y] = fmaf(g, acc[1][y], zk[1][y]);
     }
@@ -271,7 +282,7 @@ __global__ void __launch_bounds__(kThreads)
     const int t = tr + x;
 #pragma unroll
     for (int y = 0; y < TC; ++y) {
-      const int i = c0 + y;
+      const int i = c0 + y * CS;
       const float dr = fmaf(wT[i * LP + t], zr[x][y], dgr[x][y]);  // dr'
       const float dk = fmaf(kapT[i * LP + t], zk[x][y], dgk[x][y]);  // dk'
       rdr[x][y] = fmaf(rT[i * LP + t], zr[x][y], rdr[x][y]);
@@ -289,8 +300,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int x = 0; x < 2; ++x) {
 #pragma unroll
     for (int y = 0; y < TC; ++y) {
-      vS[(tr + x) * N + c0 + y] = rdr[x][y];
-      dyS[(tr + x) * N + c0 + y] = kdk[x][y];
+      vS[(tr + x) * N + c0 + y * CS] = rdr[x][y];
+      dyS[(tr + x) * N + c0 + y * CS] = kdk[x][y];
     }
   }
   __syncthreads();
