@@ -139,16 +139,17 @@ __device__ __forceinline__ void chunk_term(const Params& p, float* out) {
     xx[idx] *= ex2(aa[GRAD ? idx - N : idx + N]);
   }
   __syncthreads();
-  // Each thread an R x R tile of the N x N term (R = N / 16).
+  // Each thread an R x R tile of the N x N term (R = N / 16), its rows
+  // and columns 16 apart, so a warp's lanes read and write neighbours.
   constexpr int R = N / 16;
-  const int i0 = threadIdx.x / 16 * R, j0 = threadIdx.x % 16 * R;
+  const int i0 = threadIdx.x / 16, j0 = threadIdx.x % 16;
   float acc[R][R] = {};
   for (int s = 0; s < L; ++s) {
     float xr[R], yr[R];
 #pragma unroll
     for (int e = 0; e < R; ++e) {
-      xr[e] = xx[s * N + i0 + e];
-      yr[e] = yy[s * N + j0 + e];
+      xr[e] = xx[s * N + i0 + 16 * e];
+      yr[e] = yy[s * N + j0 + 16 * e];
     }
 #pragma unroll
     for (int e = 0; e < R; ++e) {
@@ -159,7 +160,9 @@ __device__ __forceinline__ void chunk_term(const Params& p, float* out) {
 #pragma unroll
   for (int e = 0; e < R; ++e) {
 #pragma unroll
-    for (int f = 0; f < R; ++f) out[(i0 + e) * N + j0 + f] = acc[e][f];
+    for (int f = 0; f < R; ++f) {
+      out[(i0 + 16 * e) * N + j0 + 16 * f] = acc[e][f];
+    }
   }
   if (!GRAD && threadIdx.x < N) {
     out[N * N + threadIdx.x] = ex2(aa[threadIdx.x]);
@@ -445,10 +448,11 @@ __global__ void __launch_bounds__(kThreads)
   cross_scores<N, L>(rT, kT, G, AT);
   __syncthreads();
 
-  // A tile of 4 t x TC values a thread:
+  // A tile of 4 t x TC values a thread, the values CS apart (a warp's
+  // lanes read and write neighbours):
   // y_t = sum_{s<=t} A_ts v_s + (r~_t 2^{a_f(q)}) S_start.
-  constexpr int TC = L * N / kThreads / 4;
-  const int tr = threadIdx.x / (N / TC) * 4, j0 = threadIdx.x % (N / TC) * TC;
+  constexpr int TC = L * N / kThreads / 4, CS = N / TC;
+  const int tr = threadIdx.x / CS * 4, j0 = threadIdx.x % CS;
   const int q = tr / kSub;
   float acc[4][TC] = {};
   for (int s = 0; s < tr + 4; ++s) {
@@ -456,7 +460,7 @@ __global__ void __launch_bounds__(kThreads)
     const float as[4] = {a4.x, a4.y, a4.z, a4.w};
 #pragma unroll
     for (int y = 0; y < TC; ++y) {
-      const float vj = vS[s * N + j0 + y];
+      const float vj = vS[s * N + j0 + y * CS];
 #pragma unroll
       for (int x = 0; x < 4; ++x) acc[x][y] = fmaf(as[x], vj, acc[x][y]);
     }
@@ -469,7 +473,7 @@ __global__ void __launch_bounds__(kThreads)
     const float rs[4] = {r4.x * ef, r4.y * ef, r4.z * ef, r4.w * ef};
 #pragma unroll
     for (int y = 0; y < TC; ++y) {
-      const float sij = __ldg(s_start + i * N + j0 + y);
+      const float sij = __ldg(s_start + i * N + j0 + y * CS);
 #pragma unroll
       for (int x = 0; x < 4; ++x) acc[x][y] = fmaf(rs[x], sij, acc[x][y]);
     }
@@ -480,7 +484,7 @@ __global__ void __launch_bounds__(kThreads)
     if (tr + x < len) {
 #pragma unroll
       for (int y = 0; y < TC; ++y) {
-        y_out[offset(p, b, t0 + tr + x, h, j0 + y, N)] =
+        y_out[offset(p, b, t0 + tr + x, h, j0 + y * CS, N)] =
             from_float<T>(acc[x][y]);
       }
     }
