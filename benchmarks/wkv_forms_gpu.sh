@@ -1,10 +1,12 @@
 #!/bin/bash
-# The CUDA WKV6 forward's two forms (per-step and chunk-parallel) on one
-# GPU, in one device call: builds both bindings' libraries, runs the GPU
-# tests of tests/test_wkv6_cuda.py on JAX and torch, compute-sanitizer
-# (memcheck; racecheck on the parallel form), times step vs parallel with
-# fla's chunk_rwkv6 in the same process, and profiles the parallel
-# form's three kernels with Nsight Compute. Logs go to $OUT (default /tmp/wkv_forms_gpu).
+# The CUDA WKV6 kernels' two forms (per-step and chunk-parallel, forward
+# and backward) on one GPU, in one device call: builds both bindings'
+# libraries, runs the GPU tests of tests/test_wkv6_cuda.py on JAX and
+# torch, compute-sanitizer (memcheck; racecheck on the parallel form),
+# times step vs parallel (forward, forward+backward) with fla's
+# chunk_rwkv6 in the same process, and profiles the parallel forward's
+# three kernels with Nsight Compute. Logs go to $OUT (default
+# /tmp/wkv_forms_gpu).
 #
 # Usage, from the repository root on the GPU machine, with the wheels of
 # ../shared/device/wheels.sh in .whl:
