@@ -320,6 +320,24 @@ def _cuda_values_and_grads(inputs, gy, gs, dtype="float32"):
     return [x.detach().double().cpu().numpy() for x in (y, s, *grads)]
 
 
+def _assert_matches(got, ref):
+    """y and the state within FWD_TOL of the float64 reference, every
+    gradient within GRAD_TOL (relative to the largest reference value)."""
+    names = ["y", "state", "dr", "dk", "dv", "dlog_w", "du", "ds0"]
+    for name, g, e in zip(names, got, ref):
+        tol = FWD_TOL if name in ("y", "state") else GRAD_TOL
+        err = relative_error(g, e.detach().numpy())
+        assert err <= tol, f"{name}: relative error {err:.2e}"
+
+
+def _bf16_rounded(inputs):
+    """r, k, v rounded to bfloat16 (kept as float32), the rest as given."""
+    return [
+        torch.tensor(x).bfloat16().float().numpy() if i < 3 else x
+        for i, x in enumerate(inputs)
+    ]
+
+
 @needs_gpu
 @pytest.mark.parametrize("t", [1, 15, 64, 1000])
 @pytest.mark.parametrize("b", [1, 3])
@@ -378,21 +396,14 @@ def test_parallel_form_matches_reference(monkeypatch, b, t, n, with_state):
     inputs, gy, gs = _random(b, t, 2, n, seed=t + n, with_state=with_state)
     got = _cuda_values_and_grads(inputs, gy, gs)
     ref = _reference(inputs, gy, gs)
-    names = ["y", "state", "dr", "dk", "dv", "dlog_w", "du", "ds0"]
-    for name, g, e in zip(names, got, ref):
-        tol = FWD_TOL if name in ("y", "state") else GRAD_TOL
-        err = relative_error(g, e.detach().numpy())
-        assert err <= tol, f"{name}: relative error {err:.2e}"
+    _assert_matches(got, ref)
 
 
 @needs_gpu
 def test_parallel_form_bfloat16(monkeypatch):
     monkeypatch.setenv("KERAS_RWKV_WKV6_FORM", "parallel")
     inputs, gy, gs = _random(2, 300, 2, 64, seed=4, with_state=True)
-    rounded = [
-        torch.tensor(x).bfloat16().float().numpy() if i < 3 else x
-        for i, x in enumerate(inputs)
-    ]
+    rounded = _bf16_rounded(inputs)
     got = _cuda_values_and_grads(rounded, gy, gs, dtype="bfloat16")
     ref = _reference(rounded, gy, gs)
     for g, e in zip(got, ref):
@@ -410,21 +421,14 @@ def test_kernel_split_over_time_matches_reference(monkeypatch, segments, t):
     inputs[5] = inputs[5][:1]  # a shared state, broadcast before the split
     got = _cuda_values_and_grads(inputs, gy, gs)
     ref = _reference(inputs, gy, gs)
-    names = ["y", "state", "dr", "dk", "dv", "dlog_w", "du", "ds0"]
-    for name, g, e in zip(names, got, ref):
-        tol = FWD_TOL if name in ("y", "state") else GRAD_TOL
-        err = relative_error(g, e.detach().numpy())
-        assert err <= tol, f"{name}: relative error {err:.2e}"
+    _assert_matches(got, ref)
 
 
 @needs_gpu
 def test_cuda_bfloat16_and_batch_one_state():
     inputs, gy, gs = _random(3, 100, 2, 64, seed=3, with_state=True)
     inputs[5] = inputs[5][:1]  # one state broadcast over the batch
-    rounded = [
-        torch.tensor(x).bfloat16().float().numpy() if i < 3 else x
-        for i, x in enumerate(inputs)
-    ]
+    rounded = _bf16_rounded(inputs)
     got = _cuda_values_and_grads(rounded, gy, gs, dtype="bfloat16")
     ref = _reference(rounded, gy, gs)
     for g, e in zip(got, ref):

@@ -75,7 +75,8 @@ def emulator(tmp_path_factory):
     source = work / "wkv6_parallel_host.cpp"
     source.write_text(_host_source())
     exe = work / "wkv6_parallel"
-    cmd = ["g++", "-O2", "-std=c++20", "-pthread", f"-I{HERE}", "-o", exe]
+    include = [f"-I{HERE}", f"-I{build.SOURCE_DIR}"]
+    cmd = ["g++", "-O2", "-std=c++20", "-pthread", *include, "-o", exe]
     proc = subprocess.run(
         [*map(str, cmd), str(source)], capture_output=True, text=True
     )

@@ -69,40 +69,16 @@ void host_grid(int gx, int gy, int gz, int threads, size_t floats, F kern) {
   }
 }
 
-// The part of wkv6_kernels.cuh the parallel kernels use, float only.
+// The kernels' arguments as the kernels see them; of the rest of
+// wkv6_kernels.cuh, the float conversions.
+#include "wkv6_params.cuh"
+
 namespace keras_rwkv_wkv6 {
-struct Params {
-  int B, T, H;
-  const void* r;
-  const void* k;
-  const void* v;
-  const float* log_w;
-  const float* u;
-  const float* s0;
-  int64_t s0_bstride;
-  void* y;
-  float* s_out;
-  const void* dy;
-  const float* gs;
-  const float* s_T;
-  void* dr;
-  void* dk;
-  void* dv;
-  float* p;
-  float* q;
-  float* du_part;
-  float* ds0;
-  int form;
-  void* scratch;
-};
 inline float to_float(float x) { return x; }
 template <typename T>
 T from_float(float x);
 template <>
 inline float from_float<float>(float x) {
   return x;
-}
-inline size_t offset(const Params& p, int b, int t, int h, int n, int N) {
-  return ((static_cast<size_t>(b) * p.T + t) * p.H + h) * N + n;
 }
 }  // namespace keras_rwkv_wkv6

@@ -27,6 +27,7 @@ MATVEC_DIR = SOURCE_DIR.parents[1] / "matvec" / "cuda"
 WKV6_HEADERS = (
     "wkv6_dispatch.cuh",
     "wkv6_kernels.cuh",
+    "wkv6_params.cuh",
     "wkv6_parallel.cuh",
     "wkv6_parallel_bwd.cuh",
 )

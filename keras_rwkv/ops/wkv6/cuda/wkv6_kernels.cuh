@@ -39,44 +39,11 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "wkv6_params.cuh"
+
 namespace keras_rwkv_wkv6 {
 
 constexpr int kChunk = 16;  // time steps staged in shared memory at once
-
-enum DType : int { kF32 = 0, kBF16 = 1 };
-
-struct Params {
-  int B, T, H;
-  const void* r;
-  const void* k;
-  const void* v;
-  const float* log_w;
-  const float* u;
-  const float* s0;     // [B or 1, H, N, N] or null (zeros)
-  int64_t s0_bstride;  // elements between batches of s0; 0 broadcasts
-  // Forward outputs.
-  void* y;
-  float* s_out;
-  // Backward inputs and outputs.
-  const void* dy;
-  const float* gs;   // dL/dS_final [B, H, N, N]
-  const float* s_T;  // S_final from the forward pass
-  void* dr;
-  void* dk;
-  void* dv;
-  float* p;        // running sum of r.dr' (forward), [B, T, H, N]
-  float* q;        // sum_j gS.S_T - running sum of k.dk' (reverse)
-  float* du_part;  // [B, H, N]
-  float* ds0;      // [B, H, N, N]
-  // Forced launch shape, 0 leaving the kernel's own (for benchmarks and
-  // tests; KERAS_RWKV_WKV6_COLS / _GROUPS, read in Python at each call):
-  // cols 1, 2 or 4; groups 1, 2, 4 or 8.
-  int cols, groups;
-  // The forward's form (Form below; KERAS_RWKV_WKV6_FORM) and, for the
-  // parallel form, its scratch (scratch_bytes in wkv6_dispatch.cuh).
-  int form;
-  void* scratch;
-};
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) {
@@ -99,11 +66,6 @@ __device__ __forceinline__ float group_sum(float x) {
 #pragma unroll
   for (int o = 1; o < P; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
-}
-
-__device__ __forceinline__ size_t offset(const Params& p, int b, int t,
-                                         int h, int n, int N) {
-  return ((static_cast<size_t>(b) * p.T + t) * p.H + h) * N + n;
 }
 
 // Block geometry: G blocks per (batch, head), C owned indices per thread,

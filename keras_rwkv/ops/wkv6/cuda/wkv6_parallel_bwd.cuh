@@ -234,46 +234,40 @@ __global__ void __launch_bounds__(kThreads)
       zk[x][y] *= H[q * N + i];
     }
   }
-  // Sub-chunks p < q feed dr (keys s of p), q' > q feed dk (steps t of
-  // q'); two loops, so zr and zk stay in registers.
-  for (int pp = 0; pp < q; ++pp) {
-    float acc[2][TC] = {};
-    for (int m = pp * kSub; m < pp * kSub + kSub; ++m) {
-      const float bx[2] = {BS[tr * LP + m], BS[(tr + 1) * LP + m]};
+  // Sub-chunks p < q feed dr: zr += G_qp sum_{s in p} B_ts k~_s; sub-chunks
+  // q' > q feed dk: zk += G_q'q sum_{t in q'} B_ts r~_t. Both calls pass
+  // a constant `before` and are inlined, so z stays in registers.
+  auto cross = [&](bool kBefore, float(&z)[2][TC]) {
+    for (int pp = kBefore ? 0 : q + 1; pp < (kBefore ? q : Q); ++pp) {
+      float acc[2][TC] = {};
+      for (int m = pp * kSub; m < pp * kSub + kSub; ++m) {
+        float bx[2];  // B_{t,m} (t = tr, tr + 1) or B_{m,s} (s = tr, tr + 1)
+        if (kBefore) {
+          bx[0] = BS[tr * LP + m];
+          bx[1] = BS[(tr + 1) * LP + m];
+        } else {
+          const float2 b2 = *reinterpret_cast<const float2*>(BS + m * LP + tr);
+          bx[0] = b2.x;
+          bx[1] = b2.y;
+        }
+#pragma unroll
+        for (int y = 0; y < TC; ++y) {
+          const float f = (kBefore ? kT : rT)[(c0 + y * CS) * LP + m];
+          acc[0][y] = fmaf(bx[0], f, acc[0][y]);
+          acc[1][y] = fmaf(bx[1], f, acc[1][y]);
+        }
+      }
+      const int blk = kBefore ? q * (q - 1) / 2 + pp : pp * (pp - 1) / 2 + q;
 #pragma unroll
       for (int y = 0; y < TC; ++y) {
-        const float f = kT[(c0 + y * CS) * LP + m];
-        acc[0][y] = fmaf(bx[0], f, acc[0][y]);
-        acc[1][y] = fmaf(bx[1], f, acc[1][y]);
+        const float g = G[blk * N + c0 + y * CS];
+        z[0][y] = fmaf(g, acc[0][y], z[0][y]);
+        z[1][y] = fmaf(g, acc[1][y], z[1][y]);
       }
     }
-    const int blk = q * (q - 1) / 2 + pp;
-#pragma unroll
-    for (int y = 0; y < TC; ++y) {
-      const float g = G[blk * N + c0 + y * CS];
-      zr[0][y] = fmaf(g, acc[0][y], zr[0][y]);
-      zr[1][y] = fmaf(g, acc[1][y], zr[1][y]);
-    }
-  }
-  for (int pp = q + 1; pp < Q; ++pp) {
-    float acc[2][TC] = {};
-    for (int m = pp * kSub; m < pp * kSub + kSub; ++m) {
-      const float2 b2 = *reinterpret_cast<const float2*>(BS + m * LP + tr);
-#pragma unroll
-      for (int y = 0; y < TC; ++y) {
-        const float f = rT[(c0 + y * CS) * LP + m];
-        acc[0][y] = fmaf(b2.x, f, acc[0][y]);
-        acc[1][y] = fmaf(b2.y, f, acc[1][y]);
-      }
-    }
-    const int blk = pp * (pp - 1) / 2 + q;
-#pragma unroll
-    for (int y = 0; y < TC; ++y) {
-      const float g = G[blk * N + c0 + y * CS];
-      zk[0][y] = fmaf(g, acc[0][y], zk[0][y]);
-      zk[1][y] = fmaf(g, acc[1][y], zk[1][y]);
-    }
-  }
+  };
+  cross(true, zr);
+  cross(false, zk);
   T* dr_out = static_cast<T*>(p.dr);
   T* dk_out = static_cast<T*>(p.dk);
   T* dv_out = static_cast<T*>(p.dv);
