@@ -1,22 +1,26 @@
 """Python vs CUDA WKV path at model level, same call, same card (JAX):
 
 1. state tuning of a small random model: the loss curves of both paths;
-2. a random RWKV6 1.6B (bf16) training step at T=4096, batch 1 (SGD, so
-   optimizer state does not dominate memory): tokens/s of both paths.
+2. a random RWKV6 1.6B (bf16): prefill of a 1024-token prompt and a
+   training step at T=4096, batch 1 (SGD, so optimizer state does not
+   dominate memory), tokens/s of the Python path and of the CUDA path in
+   each kernel form of `--forms` (KERAS_RWKV_WKV6_FORM; "auto" is the
+   default choice).
 
     KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false \\
-        python3 benchmarks/train_step_gpu.py
+        python3 benchmarks/train_step_gpu.py [--forms auto,step,parallel]
 """
 
 import argparse
 import os
-import time
 
 from shapes import RWKV6_1B6
+from timing import median_seconds
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+PREFILL = 1024  # prompt tokens
 SMALL = dict(
     vocabulary_size=512,
     num_layers=2,
@@ -48,7 +52,12 @@ def loss_curve(kernel, steps):
     ]
 
 
-def train_tokens_per_s(kernel, context, steps):
+DIMS = dict(RWKV6_1B6)
+
+
+def model_rates(kernel, context, steps, form=None):
+    """`(prefill tokens/s, train tokens/s)` of the 1.6B with `kernel`
+    ("python" or "cuda") in kernel `form` (None: the default)."""
     import jax
     import keras
     import numpy as np
@@ -56,26 +65,33 @@ def train_tokens_per_s(kernel, context, steps):
     from keras_rwkv import RWKV6Backbone
     from keras_rwkv import RWKV6CausalLM
 
+    # Read when the programs are traced: each form builds its own.
+    os.environ.pop("KERAS_RWKV_WKV6_FORM", None)
+    if form:
+        os.environ["KERAS_RWKV_WKV6_FORM"] = form
     keras.utils.set_random_seed(0)
     lm = RWKV6CausalLM(
-        RWKV6Backbone(**RWKV6_1B6, dtype="bfloat16", wkv_kernel=kernel)
+        RWKV6Backbone(**DIMS, dtype="bfloat16", wkv_kernel=kernel)
     )
     lm.compile(optimizer=keras.optimizers.SGD(1e-4))
     rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 65529, (1, PREFILL)).astype("int32")
+    prompt = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
+    prefill = PREFILL / median_seconds(
+        lambda: jax.block_until_ready(lm.prefill(prompt).wkv), steps
+    )
     ids = rng.integers(1, 65529, (1, context + 1)).astype("int32")
     x = {
         "token_ids": ids[:, :-1],
         "padding_mask": np.ones((1, context), "int32"),
     }
-    lm.train_on_batch(x, ids[:, 1:])  # compile
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(lm.train_on_batch(x, ids[:, 1:]))
-        times.append(time.perf_counter() - t0)
-    del lm
+    train = context / median_seconds(
+        lambda: jax.block_until_ready(lm.train_on_batch(x, ids[:, 1:])),
+        steps,
+    )
     keras.backend.clear_session()
-    return context / float(np.median(times))
+    os.environ.pop("KERAS_RWKV_WKV6_FORM", None)
+    return prefill, train
 
 
 def main():
@@ -84,36 +100,60 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--curve-steps", type=int, default=20)
     parser.add_argument("--skip-1b6", action="store_true")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a CPU smoke test of the script"
+    )
+    parser.add_argument(
+        "--forms",
+        default="auto",
+        help="comma-separated CUDA kernel forms: auto, step, parallel",
+    )
     args = parser.parse_args()
+    if args.tiny:
+        global PREFILL
+        DIMS.update(num_layers=2, hidden_dim=128, intermediate_dim=256)
+        PREFILL, args.context = 32, 64
     import jax
 
-    curves = {k: loss_curve(k, args.curve_steps) for k in ("python", "cuda")}
-    diff = max(
-        abs(a - b) / abs(a) for a, b in zip(curves["python"], curves["cuda"])
-    )
     print(f"# {jax.devices()[0].device_kind}, JAX {jax.__version__}")
-    print("| step | loss (python) | loss (cuda) |")
-    print("|---|---|---|")
-    for i in range(0, args.curve_steps, max(1, args.curve_steps // 5)):
-        print(f"| {i} | {curves['python'][i]:.5f} | {curves['cuda'][i]:.5f} |")
-    print(f"max relative difference over {args.curve_steps} steps: {diff:.2e}")
+    if args.curve_steps:
+        curves = {
+            k: loss_curve(k, args.curve_steps) for k in ("python", "cuda")
+        }
+        diff = max(
+            abs(a - b) / abs(a)
+            for a, b in zip(curves["python"], curves["cuda"])
+        )
+        print("| step | loss (python) | loss (cuda) |")
+        print("|---|---|---|")
+        for i in range(0, args.curve_steps, max(1, args.curve_steps // 5)):
+            print(
+                f"| {i} | {curves['python'][i]:.5f} | {curves['cuda'][i]:.5f} |"
+            )
+        print(
+            f"max relative difference over {args.curve_steps} steps: {diff:.2e}"
+        )
     if args.skip_1b6:
         return
+    runs = [("python", None)] + [
+        ("cuda", form) for form in args.forms.split(",")
+    ]
     rows = {}
-    for kernel in ("python", "cuda"):
+    for kernel, form in runs:
+        name = kernel if form is None else f"cuda, {form}"
         try:
-            rows[kernel] = train_tokens_per_s(kernel, args.context, args.steps)
+            rows[name] = model_rates(kernel, args.context, args.steps, form)
         except Exception as e:  # e.g. out of memory on the Python path
-            rows[kernel] = None
-            print(f"{kernel}: {type(e).__name__}: {str(e)[:200]}")
-    print(f"| 1.6B bf16 train step, T={args.context}, batch 1 | tokens/s |")
-    print("|---|---|")
-    for kernel, value in rows.items():
-        print(
-            f"| {kernel} WKV | {value:,.0f} |" if value else f"| {kernel} | - |"
-        )
-    if rows.get("python") and rows.get("cuda"):
-        print(f"cuda / python: {rows['cuda'] / rows['python']:.2f}x")
+            print(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+    print(
+        f"| 1.6B bf16, batch 1 | prefill T={PREFILL}, tok/s "
+        f"| train step T={args.context}, tok/s | train vs python |"
+    )
+    print("|---|---|---|---|")
+    base = rows.get("python", (None, None))[1]
+    for name, (prefill, train) in rows.items():
+        ratio = f"{train / base:.2f}x" if base else "-"
+        print(f"| {name} WKV | {prefill:,.0f} | {train:,.0f} | {ratio} |")
 
 
 if __name__ == "__main__":

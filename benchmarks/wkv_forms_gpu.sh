@@ -5,12 +5,14 @@
 # torch, compute-sanitizer (memcheck; racecheck on the parallel form),
 # times step vs parallel (forward, forward+backward) with fla's
 # chunk_rwkv6 in the same process, and profiles the parallel forward's
-# three kernels with Nsight Compute. Logs go to $OUT (default
+# three kernels with Nsight Compute; the "model" stage (not in "all": a
+# call of its own) times prefill and a training step of a random 1.6B in
+# each form (benchmarks/train_step_gpu.py). Logs go to $OUT (default
 # /tmp/wkv_forms_gpu).
 #
 # Usage, from the repository root on the GPU machine, with the wheels of
 # ../shared/device/wheels.sh in .whl:
-#   bash benchmarks/wkv_forms_gpu.sh [all|test|bench|sanitize|profile]
+#   bash benchmarks/wkv_forms_gpu.sh [all|test|bench|sanitize|profile|model]
 set -u
 STAGE=${1:-all}
 OUT=${OUT:-/tmp/wkv_forms_gpu}
@@ -67,9 +69,15 @@ if [ "$STAGE" = all ] || [ "$STAGE" = profile ]; then
   METRICS=$METRICS,sm__warps_active.avg.pct_of_peak_sustained_active
   METRICS=$METRICS,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum
   KERAS_RWKV_WKV6_FORM=parallel timeout 200 ncu --clock-control none \
-    -k "regex:chunk_states|pass_states|chunk_outputs" --launch-skip 3 --launch-count 3 --metrics "$METRICS" \
+    -k "regex:chunk_terms|pass_states|chunk_outputs" --launch-skip 3 --launch-count 3 --metrics "$METRICS" \
     python3 benchmarks/wkv_cuda_gpu.py --profile-case 8,4096,32,64 2>&1 \
     | grep -E "par::|_kernel|gpu__|sm__|dram__|launch__|smsp__|l1tex" \
     | tee "$OUT/ncu.txt"
   stamp profile
+fi
+if [ "$STAGE" = model ]; then
+  (cd benchmarks && timeout 540 python3 train_step_gpu.py --curve-steps 0 \
+    --forms step,parallel 2>&1 | grep -E "^\||^#|x$|Error" \
+    | tee "$OUT/model.txt")
+  stamp model
 fi
