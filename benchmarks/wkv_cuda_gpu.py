@@ -446,16 +446,53 @@ def bench(impls, b, t, h, n, forms=(None,)):
             print("fla failed:", type(e).__name__, str(e)[:300])
         torch.cuda.empty_cache()
     card = torch.cuda.get_device_name()
+    bound_f, bound_fb = dram_bound_ms(b, t, h, n)
     print(f"## speed: B={b} T={t} H={h} N={n} bf16, {card}")
-    print(f"{'impl':36} {'fwd ms':>8} {'fwd+bwd ms':>11}")
+    print(
+        f"DRAM bound (the op's own bytes at {dram_bandwidth() / 1e12:.2f} "
+        f"TB/s): fwd {bound_f:.3f} ms, fwd+bwd {bound_fb:.3f} ms"
+    )
+    print(
+        f"{'impl':36} {'fwd ms':>8} {'of bound':>8} {'fwd+bwd ms':>11} "
+        f"{'of bound':>8}"
+    )
     for name, (f, fb) in results.items():
-        print(f"{name:36} {f:8.3f} {fb:11.3f}")
+        print(
+            f"{name:36} {f:8.3f} {bound_f / f:8.1%} {fb:11.3f} "
+            f"{bound_fb / fb:8.1%}"
+        )
     ours = results["ours (JAX FFI)"]
     for name, (f, fb) in results.items():
         print(
             f"ratio {name} / ours(JAX): fwd {f / ours[0]:.2f}x, "
             f"fwd+bwd {fb / ours[1]:.2f}x"
         )
+
+
+def dram_bandwidth():
+    """The card's peak DRAM bytes/s, from its memory clock and bus width
+    (cupy's device properties; torch does not report them)."""
+    try:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        # kHz, double data rate, bits.
+        return props["memoryClockRate"] * 1e3 * 2 * props["memoryBusWidth"] / 8
+    except Exception:  # noqa: BLE001 - no cupy: the H100 SXM's figure
+        return 3.35e12
+
+
+def dram_bound_ms(b, t, h, n):
+    """The least time the op's own traffic takes at the DRAM's peak,
+    forward and forward+backward, bf16 sequences: the forward reads r, k,
+    v (2 bytes each) and log_w (4) and writes y (2); the backward reads
+    those and dy and writes dr, dk, dv (2 each) and dlog_w (4); the states
+    (float32 [B, H, N, N]) once each way."""
+    elems, state = b * t * h * n, 4 * b * h * n * n
+    fwd = 12 * elems + 2 * state
+    bwd = 22 * elems + 3 * state
+    per_ms = dram_bandwidth() / 1e3
+    return fwd / per_ms, (fwd + bwd) / per_ms
 
 
 def rwkv_ops_wkv6(head_size, max_sequence_length):
