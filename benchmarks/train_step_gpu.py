@@ -20,6 +20,7 @@ from timing import median_seconds
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+DIMS = dict(RWKV6_1B6)  # the model of section 2 (--tiny shrinks it)
 PREFILL = 1024  # prompt tokens
 SMALL = dict(
     vocabulary_size=512,
@@ -50,9 +51,6 @@ def loss_curve(kernel, steps):
         float(lm.train_on_batch(x, ids[:, 1:], return_dict=True)["loss"])
         for _ in range(steps)
     ]
-
-
-DIMS = dict(RWKV6_1B6)
 
 
 def model_rates(kernel, context, steps, form=None):

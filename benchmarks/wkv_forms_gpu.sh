@@ -76,7 +76,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = profile ]; then
   stamp profile
 fi
 if [ "$STAGE" = model ]; then
-  (cd benchmarks && timeout 540 python3 train_step_gpu.py --curve-steps 0 \
+  (cd benchmarks && timeout 470 python3 train_step_gpu.py --curve-steps 0 \
     --forms step,parallel 2>&1 | grep -E "^\||^#|x$|Error" \
     | tee "$OUT/model.txt")
   stamp model
