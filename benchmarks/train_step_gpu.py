@@ -138,7 +138,7 @@ def main():
     ]
     rows = {}
     for kernel, form in runs:
-        name = kernel if form is None else f"cuda, {form}"
+        name = kernel if form is None else f"{kernel}, {form}"
         try:
             rows[name] = model_rates(kernel, args.context, args.steps, form)
         except Exception as e:  # e.g. out of memory on the Python path
