@@ -142,7 +142,7 @@ def main():
         try:
             rows[name] = model_rates(kernel, args.context, args.steps, form)
         except Exception as e:  # e.g. out of memory on the Python path
-            print(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+            print(f"{name} failed: {type(e).__name__}: {str(e)[:200]}")
     print(
         f"| 1.6B bf16, batch 1 | prefill T={PREFILL}, tok/s "
         f"| train step T={args.context}, tok/s | train vs python |"

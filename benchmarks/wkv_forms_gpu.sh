@@ -77,7 +77,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = profile ]; then
 fi
 if [ "$STAGE" = model ]; then
   (cd benchmarks && timeout 470 python3 train_step_gpu.py --curve-steps 0 \
-    --forms step,parallel 2>&1 | grep -E "^\||^#|x$|Error" \
+    --forms step,parallel 2>&1 | grep -E "^\||^#|failed" \
     | tee "$OUT/model.txt")
   stamp model
 fi
